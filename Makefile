@@ -1,0 +1,36 @@
+# make test        the test suite on this machine's torch (creates .venv when absent)
+# make test-gpu    the CUDA tests (marker gpu), with the interpreter in $(GPU_PYTHON)
+# make test-matrix the suite on each (torch, Python) cell, cached venvs outside the repo
+# make lint        ruff, Python 3.9 target
+# make bench       the benchmark against stock torch and raw file I/O
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+GPU_PYTHON ?= python3
+TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff
+
+.PHONY: venv test test-gpu test-matrix lint bench
+
+$(VENV)/.ready:
+	python3 -m venv --system-site-packages $(VENV)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q $(TEST_DEPS)
+	touch $@
+
+venv: $(VENV)/.ready
+
+test: $(VENV)/.ready
+	$(PYTHON) -m pytest -q tests
+
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -m gpu tests
+
+test-matrix:
+	python3 tools/matrix.py
+
+lint: $(VENV)/.ready
+	$(PYTHON) -m ruff check dcp_filesystem tests tools benchmarks
+
+bench: $(VENV)/.ready
+	$(PYTHON) benchmarks/bench.py

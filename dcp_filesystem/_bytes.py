@@ -1,0 +1,22 @@
+"""Raw byte views of CPU tensors, without NumPy (torch 2.1 + NumPy 2 has none)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous CPU tensor's bytes; the caller keeps the tensor alive."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def tensor_from_bytes(buffer: bytearray, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    if len(buffer) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)

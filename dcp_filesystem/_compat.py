@@ -1,0 +1,103 @@
+"""The one place that knows which torch is running.
+
+Every difference between torch 2.1 and the newest release is detected here by
+probing for the feature, never by comparing version strings.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as _dcp
+from torch.distributed.checkpoint import filesystem as _torch_filesystem
+from torch.distributed.checkpoint import metadata as _torch_metadata
+
+TorchStorageInfo = _torch_filesystem._StorageInfo
+STORAGE_INFO_HAS_TRANSFORMS = "transform_descriptors" in {
+    f.name for f in dataclasses.fields(TorchStorageInfo)
+}
+
+StorageMeta: Optional[type] = getattr(_torch_metadata, "StorageMeta", None)
+METADATA_FIELDS = {f.name for f in dataclasses.fields(_torch_metadata.Metadata)}
+
+TorchSerializationFormat: Optional[type] = getattr(_torch_filesystem, "SerializationFormat", None)
+
+try:
+    from torch.distributed.checkpoint import _extension as torch_extension
+except ImportError:
+    torch_extension = None
+
+HAS_DCP_SAVE = hasattr(_dcp, "save")
+HAS_ASYNC_SAVE = hasattr(_dcp, "async_save")
+
+
+def privateuse1_backend_name() -> Optional[str]:
+    get_name = getattr(torch._C, "_get_privateuse1_backend_name", None)
+    return get_name() if get_name is not None else None
+
+
+def device_module(device_type: str) -> Any:
+    return getattr(torch, device_type)
+
+
+def available_device_type() -> Optional[str]:
+    """The accelerator whose copies the overlapping loader can overlap, if any."""
+    if torch.cuda.is_available():
+        return "cuda"
+    name = privateuse1_backend_name()
+    module = getattr(torch, name, None) if name else None
+    if module is not None and hasattr(module, "is_available") and module.is_available():
+        return name
+    return None
+
+
+try:
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+except ImportError:
+
+    class BlockingAsyncStager:  # type: ignore[no-redef]
+        """Stages a state dict as a CPU copy (torch < 2.4 has no stager)."""
+
+        _synchronize_after_execute: bool = False
+
+        def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
+            self.cache_staged_state_dict = cache_staged_state_dict
+            self.type_check = type_check
+            self.state_dict_cache: Optional[dict] = None
+
+        def stage(self, state_dict: dict) -> dict:
+            def to_cpu(value: Any) -> Any:
+                if isinstance(value, torch.Tensor):
+                    return value.detach().to("cpu", copy=True)
+                if isinstance(value, dict):
+                    return {k: to_cpu(v) for k, v in value.items()}
+                if isinstance(value, (list, tuple)):
+                    return type(value)(to_cpu(v) for v in value)
+                return copy.deepcopy(value)
+
+            staged = to_cpu(state_dict)
+            if self.cache_staged_state_dict:
+                self.state_dict_cache = staged
+            return staged
+
+        def synchronize_staging(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+
+def float8_dtypes() -> dict:
+    """safetensors names of the float8 dtypes this torch has."""
+    names = {
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz",
+        "U16": "uint16",
+        "U32": "uint32",
+        "U64": "uint64",
+    }
+    return {st: getattr(torch, attr) for st, attr in names.items() if hasattr(torch, attr)}

@@ -1,0 +1,216 @@
+"""FileSystemReader: a StorageReader for checkpoints written by this package or by stock torch."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from typing import IO, Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from . import _compat
+from ._bytes import tensor_from_bytes
+from ._format import (
+    SafetensorsEntry,
+    SafetensorsHeader,
+    _generate_uuid,
+    decode_header,
+    metadata_file_name,
+    transform_descriptors_of,
+)
+from .fs import FileSystem, PathLike
+from .transforms import ExtensionRegistry, _StorageReaderTransforms
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
+    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
+        if offset != 0 or length != tensor.size(dim):
+            tensor = tensor.narrow(dim, offset, length)
+    return tensor
+
+
+class _DataFile:
+    """One open data file: positioned reads, and its safetensors headers parsed once."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self.stream = stream
+        self.name = name
+        stream.seek(0, os.SEEK_END)
+        self.size = stream.tell()
+        self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
+
+    def read_at(self, offset: int, length: int) -> bytearray:
+        buffer = bytearray(length)
+        self.stream.seek(offset)
+        view = memoryview(buffer)
+        got = 0
+        while got < length:
+            n = self.stream.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return buffer if got == length else buffer[:got]
+
+    def read_exact(self, offset: int, length: int, item: str) -> bytearray:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                f"{self.name}: item {item} needs bytes [{offset}, {offset + length}) "
+                f"but the file has {self.size} bytes (truncated or damaged checkpoint)"
+            )
+        buffer = self.read_at(offset, length)
+        if len(buffer) != length:
+            raise ValueError(f"{self.name}: item {item}: read {len(buffer)} of {length} bytes at offset {offset}")
+        return buffer
+
+    def safetensors_header(self, base: int) -> Optional[SafetensorsHeader]:
+        """The safetensors header starting at ``base``, or None if there is none there."""
+        if base not in self._headers:
+            start = self.read_at(base, 9)
+            plausible = len(start) == 9 and start[8:9] == b"{"
+            self._headers[base] = (
+                decode_header(self.read_at, base, self.size, f"{self.name} (offset {base})") if plausible else None
+            )
+        return self._headers[base]
+
+
+def _find_entry(header: SafetensorsHeader, req: ReadItem, begin: int, end: int) -> Optional[SafetensorsEntry]:
+    fqn = req.storage_index.fqn
+    offsets = req.storage_index.offset
+    candidates = [fqn]
+    if offsets is not None:
+        candidates.append(f"{fqn}@{','.join(str(o) for o in offsets)}")
+    for key in candidates:
+        entry = header.entries.get(key)
+        if entry is not None and entry.begin == begin and entry.end == end:
+            return entry
+    return None
+
+
+class FileSystemReader(StorageReader):
+    def __init__(
+        self,
+        path: PathLike,
+        _extension_registry: Optional[ExtensionRegistry] = None,  # EXPERIMENTAL
+    ) -> None:
+        super().__init__()
+        self.fs = FileSystem()
+        self.path = self.fs.init_path(path)
+        self.storage_data: Dict[Any, Any] = {}
+        self.load_id = _generate_uuid()
+        self.transforms = _StorageReaderTransforms(_extension_registry)
+        self.rank: Optional[int] = None
+        self.use_collectives = True
+
+    def _slice_file(self, file: IO[bytes], sinfo: Any) -> IO[bytes]:
+        """The bytes of one item as a stream of their own."""
+        file.seek(sinfo.offset)
+        return io.BytesIO(file.read(sinfo.length))
+
+    def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
+        self.storage_data = {}
+        if checkpoint_id:
+            self.path = self.fs.init_path(checkpoint_id)
+        self.load_id = _generate_uuid()
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: Dict[str, List[Tuple[ReadItem, Any]]] = {}
+        for req in plan.items:
+            info = self.storage_data[req.storage_index]
+            per_file.setdefault(info.relative_path, []).append((req, info))
+        for relative_path, reqs in per_file.items():
+            reqs.sort(key=lambda r: r[1].offset)  # one pass through the file, front to back
+            with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
+                data_file = _DataFile(stream, os.path.join(str(self.path), relative_path))
+                for req, info in reqs:
+                    self._read_item(data_file, req, info, planner)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
+        item = f"{req.storage_index.fqn!r}"
+        if req.storage_index.offset is not None:
+            item += f" (chunk at {list(req.storage_index.offset)})"
+        descriptors = transform_descriptors_of(info)
+        payload = data_file.read_exact(info.offset, info.length, item)
+        try:
+            if descriptors:
+                stream = self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload))
+                payload = bytearray(stream.read())
+            if req.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(req, io.BytesIO(payload))
+                return
+            tensor = self._decode_tensor(data_file, req, info, payload, bool(descriptors))
+        except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{data_file.name}: cannot read item {item}: {e}") from e
+        tensor = _narrow(tensor, req.storage_offsets, req.lengths)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise ValueError(
+                f"{data_file.name}: item {item} has size {list(tensor.size())} "
+                f"but the load plan expects {list(target.size())}"
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
+
+    def _decode_tensor(
+        self, data_file: _DataFile, req: ReadItem, info: Any, payload: bytearray, transformed: bool
+    ) -> torch.Tensor:
+        if not transformed:
+            header = data_file.safetensors_header(0)
+            if header is not None and info.offset >= header.data_start:
+                # Written by this package: the recorded range is the tensor's raw bytes.
+                entry = _find_entry(header, req, info.offset, info.offset + info.length)
+                if entry is None:
+                    raise ValueError(f"no safetensors entry covers bytes [{info.offset}, {info.offset + info.length})")
+                return tensor_from_bytes(payload, entry.dtype, entry.shape)
+            if payload[:4] != _ZIP_MAGIC:
+                # Written by stock torch's SAFETENSORS mode: the recorded offset is where its header starts.
+                stock = data_file.safetensors_header(info.offset)
+                entry = stock.entries.get(req.storage_index.fqn) if stock is not None else None
+                if entry is None:
+                    raise ValueError("payload is neither a torch.save archive nor a safetensors entry")
+                raw = data_file.read_exact(entry.begin, entry.end - entry.begin, repr(req.storage_index.fqn))
+                return tensor_from_bytes(raw, entry.dtype, entry.shape)
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+    def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
+        return self.fs.concat_path(self.path, metadata_file_name(rank))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as metadata_file:
+            metadata = pickle.load(metadata_file)
+        if _compat.StorageMeta is not None:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = _compat.StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+        if self.storage_data is None:
+            raise ValueError(f"{self._get_metadata_path()}: metadata has no storage_data")
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: List[LoadPlan]) -> List[LoadPlan]:
+        return plans
+
+    @property
+    def checkpoint_id(self) -> PathLike:
+        """The checkpoint_id that will be used to load the checkpoint."""
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)

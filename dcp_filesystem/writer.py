@@ -1,0 +1,506 @@
+"""FileSystemWriter: a StorageWriter that writes DCP checkpoints through a FileSystemBase."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import queue
+import re
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import _compat
+from ._bytes import tensor_bytes
+from ._format import (
+    BYTE_IO_KEY,
+    CURRENT_DCP_VERSION,
+    DCP_VERSION_KEY,
+    DCP_VERSION_VALUE,
+    DEFAULT_SUFFIX,
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    SHARDING_INFO_KEY,
+    SerializationFormat,
+    _generate_uuid,
+    _StorageInfo,
+    _StoragePrefix,
+    encode_header,
+    metadata_file_name,
+    safetensors_dtype_name,
+    storage_info_for_disk,
+)
+from .fs import FileSystem, PathLike, fsync_stream
+from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader
+from .transforms import StreamTransformExtension, _StorageWriterTransforms
+
+_DATA_FILE = re.compile(r"__(\d+)_\d+(\.[0-9a-f]{8})?" + re.escape(DEFAULT_SUFFIX))
+
+
+def _item_size(item: WriteItem) -> int:
+    """Bytes of the tensor an item names (upstream's estimate, used to balance files)."""
+    if item.tensor_data is None:
+        raise AssertionError("WriteItem tensor_data must not be None")
+    size = 1
+    for s in item.tensor_data.size:
+        size *= s
+    return size * torch._utils._element_size(item.tensor_data.properties.dtype)
+
+
+def _chunk_nbytes(item: WriteItem) -> int:
+    numel = 1
+    for s in item.tensor_data.chunk.sizes:
+        numel *= s
+    return numel * torch._utils._element_size(item.tensor_data.properties.dtype)
+
+
+def _split_by_size_and_type(bins: int, items: List[WriteItem]) -> List[List[WriteItem]]:
+    """Spread items over ``bins`` files: byte items round-robin, tensors largest first to the lightest file."""
+    if bins == 1:
+        return [items]
+    buckets: List[List[WriteItem]] = [[] for _ in range(bins)]
+    bucket_sizes = [0] * bins
+    byte_items = [wi for wi in items if wi.type == WriteItemType.BYTE_IO]
+    for i, wi in enumerate(byte_items):
+        buckets[i % bins].append(wi)
+    tensor_items = sorted((wi for wi in items if wi.type != WriteItemType.BYTE_IO), key=_item_size, reverse=True)
+    for wi in tensor_items:
+        lightest = bucket_sizes.index(min(bucket_sizes))
+        buckets[lightest].append(wi)
+        bucket_sizes[lightest] += _item_size(wi)
+    return buckets
+
+
+def _write_item(
+    transforms: _StorageWriterTransforms,
+    stream: io.IOBase,
+    data: Union[io.BytesIO, torch.Tensor],
+    write_item: WriteItem,
+    storage_key: str,
+    serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+) -> WriteResult:
+    offset = stream.tell()
+    transform_to, descriptors = transforms.transform_save_stream(write_item, stream)
+    if write_item.type == WriteItemType.BYTE_IO:
+        if not isinstance(data, io.BytesIO):
+            raise AssertionError("Data must be io.BytesIO for BYTE_IO write items")
+        transform_to.write(data.getbuffer())
+    else:
+        if not isinstance(data, torch.Tensor) or data.device.type != "cpu":
+            raise AssertionError("Data must be a CPU torch.Tensor for tensor write items")
+        if serialization_format == SerializationFormat.TORCH_SAVE:
+            torch.save(data, transform_to)
+        else:
+            contiguous = data.contiguous()
+            transform_to.write(tensor_bytes(contiguous))
+    transform_to.close()
+    length = stream.tell() - offset
+    return WriteResult(
+        index=write_item.index,
+        size_in_bytes=length,
+        # Left out when empty, as upstream does, so older readers see the fields they know.
+        storage_data=_StorageInfo(storage_key, offset, length, transform_descriptors=descriptors or None),
+    )
+
+
+def _make_loader(planner: SavePlanner, inflight_threshhold: int, stream: Optional[Any]) -> _TensorLoader:
+    if inflight_threshhold > 0 and _compat.available_device_type() is not None:
+        return _OverlappingCpuLoader(planner.resolve_data, stream=stream, inflight_threshhold=inflight_threshhold)
+    return _SerialCpuLoader(planner.resolve_data)
+
+
+def _thread_stream(thread_count: int) -> Optional[Any]:
+    """A stream of its own for each writer thread, so threads never wait on each other's copies."""
+    device_type = _compat.available_device_type()
+    if thread_count == 1 or device_type is None:
+        return None
+    return _compat.device_module(device_type).Stream()
+
+
+def _safetensors_layout(
+    byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem]
+) -> Tuple[bytes, Dict[int, Tuple[str, int]]]:
+    """The header of a data file and, per item id, its safetensors key and byte count."""
+    fqn_counts: Dict[str, int] = {}
+    for wi in tensor_items:
+        fqn_counts[wi.index.fqn] = fqn_counts.get(wi.index.fqn, 0) + 1
+    entries = []
+    layout: Dict[int, Tuple[str, int]] = {}
+    sharding: Dict[str, Any] = {}
+    for wi, data in byte_items:
+        nbytes = data.getbuffer().nbytes
+        entries.append((wi.index.fqn, torch.uint8, (nbytes,), nbytes))
+        layout[id(wi)] = (wi.index.fqn, nbytes)
+    for wi in tensor_items:
+        offsets = list(wi.tensor_data.chunk.offsets)
+        key = wi.index.fqn
+        if fqn_counts[key] > 1:
+            # Several chunks of one tensor in one file: one key each, named by offsets.
+            key = f"{key}@{','.join(str(o) for o in offsets)}"
+        nbytes = _chunk_nbytes(wi)
+        entries.append((key, wi.tensor_data.properties.dtype, tuple(wi.tensor_data.chunk.sizes), nbytes))
+        layout[id(wi)] = (key, nbytes)
+        sharding[key] = {"saved_offsets": offsets}
+    metadata = {
+        SHARDING_INFO_KEY: json.dumps(sharding),
+        DCP_VERSION_KEY: DCP_VERSION_VALUE,
+        FORMAT_KEY: FORMAT_VALUE,
+    }
+    if byte_items:
+        metadata[BYTE_IO_KEY] = json.dumps([wi.index.fqn for wi, _ in byte_items])
+    return encode_header(entries, metadata), layout
+
+
+def _write_one_file(
+    stream: io.IOBase,
+    storage_key: str,
+    write_items: List[WriteItem],
+    planner: SavePlanner,
+    transforms: _StorageWriterTransforms,
+    loader: _TensorLoader,
+    serialization_format: SerializationFormat,
+) -> List[WriteResult]:
+    tensor_items = [wi for wi in write_items if wi.type != WriteItemType.BYTE_IO]
+    byte_items = [(wi, planner.resolve_data(wi)) for wi in write_items if wi.type == WriteItemType.BYTE_IO]
+    safetensors = serialization_format == SerializationFormat.SAFETENSORS
+    if safetensors:
+        # The header comes first, so the order is fixed now: both loaders keep a size-sorted order.
+        tensor_items.sort(key=_item_size)
+        header, layout = _safetensors_layout(byte_items, tensor_items)
+        stream.write(header)
+    for wi in tensor_items:
+        loader.add(_item_size(wi), wi)
+    loader.start_loading()
+
+    results = [
+        _write_item(transforms, stream, data, wi, storage_key, serialization_format) for wi, data in byte_items
+    ]
+    expected = iter(tensor_items)
+    for tensor, wi in loader.values():
+        if safetensors:
+            if wi is not next(expected):
+                raise AssertionError("tensor loader changed the order fixed by the safetensors header")
+            key, nbytes = layout[id(wi)]
+            if tensor.dtype != wi.tensor_data.properties.dtype or tensor.numel() * tensor.element_size() != nbytes:
+                raise ValueError(
+                    f"{storage_key}: tensor {key!r} resolved to {tensor.dtype} {list(tensor.shape)}, "
+                    f"but the save plan announced {wi.tensor_data.properties.dtype} "
+                    f"{list(wi.tensor_data.chunk.sizes)}"
+                )
+        results.append(_write_item(transforms, stream, tensor, wi, storage_key, serialization_format))
+    return results
+
+
+def _write_files_from_queue(
+    create_stream: Callable,
+    file_queue: queue.Queue,
+    result_queue: queue.Queue,
+    planner: SavePlanner,
+    transforms: _StorageWriterTransforms,
+    inflight_threshhold: int,
+    use_fsync: bool,
+    thread_count: int,
+    serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+) -> None:
+    """Write files from ``file_queue`` until it is empty, putting each file's results on ``result_queue``."""
+    stream_for_copies = _thread_stream(thread_count)
+    while True:
+        try:
+            file_name, storage_key, write_items = file_queue.get_nowait()
+        except queue.Empty:
+            return
+        loader = _make_loader(planner, inflight_threshhold, stream_for_copies)
+        with create_stream(file_name, "wb") as stream:
+            results = _write_one_file(
+                stream, storage_key, write_items, planner, transforms, loader, serialization_format
+            )
+            if use_fsync:
+                fsync_stream(stream)
+        result_queue.put(results)
+
+
+class _FileSystemWriter(StorageWriter):
+    """
+    Basic implementation of StorageWriter using file IO.
+
+    The checkpoint consists of one file per write request plus a ``.metadata``
+    file (``__{rank}.metadata`` per rank when saving without collectives).
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = 1,
+        per_thread_copy_ahead: int = 10_000_000,
+        overwrite: bool = True,
+        _extensions: Optional[Sequence[StreamTransformExtension]] = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Initialize the writer pointing to ``path``.
+
+        Args:
+            path: directory where the checkpoint will be written to.
+            single_file_per_rank: Produce one file per rank instead of one file per tensor/blob. Default to True.
+            sync_files : force files to be synced to permanent storage. Default to True.
+            thread_count: Number of IO threads to use to write. Default to 1.
+            per_thread_copy_ahead: How many bytes to copy from the GPU ahead of saving them. Default 10Mb.
+            overwrite: Whether to allow overwriting existing checkpoints. Defaults to True.
+            _extensions: Extensions to apply to output streams (EXPERIMENTAL)
+            serialization_format: TORCH_SAVE (default) or SAFETENSORS.
+
+        N. B. If sync_files is disabled, there's no guarantee that the checkpoint will be consistent in the case of a failure.
+        """
+        super().__init__()
+        if not isinstance(thread_count, int) or thread_count < 1:
+            raise ValueError(f"thread_count must be a positive int, got {thread_count!r}")
+        serialization_format = SerializationFormat(getattr(serialization_format, "value", serialization_format))
+        if serialization_format == SerializationFormat.SAFETENSORS and _extensions:
+            raise ValueError(
+                "_extensions cannot be combined with SerializationFormat.SAFETENSORS: "
+                "transformed bytes would not be a valid safetensors file"
+            )
+        self.fs = FileSystem()
+        self.path = self.fs.init_path(path)
+        self.single_file_per_rank = single_file_per_rank
+        self.sync_files = sync_files
+        self.thread_count = thread_count
+        self.per_thread_copy_ahead = per_thread_copy_ahead
+        self.save_id = _generate_uuid()
+        self.overwrite = overwrite
+        self.transforms = _StorageWriterTransforms(_extensions)
+        self.serialization_format = serialization_format
+        self.rank: Optional[int] = None
+        self.use_collectives: bool = True
+
+    def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
+        if checkpoint_id:
+            self.path = self.fs.init_path(checkpoint_id)
+        self.save_id = _generate_uuid()
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def _rank_local(self) -> bool:
+        return not self.use_collectives and self.rank is not None
+
+    def _metadata_exists(self) -> bool:
+        # Without collectives every rank writes its own metadata; rank 0's stands for the checkpoint.
+        return self.fs.exists(self._get_metadata_path(rank=None if self.use_collectives else 0))
+
+    def _check_items(self, plan: SavePlan) -> None:
+        if self.serialization_format != SerializationFormat.SAFETENSORS:
+            return
+        for wi in plan.items:
+            if wi.type != WriteItemType.BYTE_IO:
+                safetensors_dtype_name(wi.tensor_data.properties.dtype, wi.index.fqn)
+
+    def _check_path(self) -> None:
+        if isinstance(self.fs, FileSystem) and Path(self.path).exists() and not Path(self.path).is_dir():
+            raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a directory")
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self._check_items(plan)
+        self._check_path()
+        self.fs.mkdir(self.path)
+        if self._metadata_exists():
+            if not self.overwrite:
+                raise RuntimeError(f"Checkpoint already exists in {self.path} and self.overwrite=False.")
+            warnings.warn(
+                f"Detected an existing checkpoint in {self.path}, overwriting since self.overwrite=True."
+                " Past version 2.5 of PyTorch, `overwrite` will default to False. Set this variable to True to"
+                " maintain this functionality or False to raise when an existing checkpoint is found.",
+                stacklevel=2,
+            )
+        if self._rank_local():
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
+        return plan
+
+    def prepare_global_plan(self, plans: List[SavePlan]) -> List[SavePlan]:
+        return [
+            dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_")) if plan.storage_data is None else plan
+            for i, plan in enumerate(plans)
+        ]
+
+    def _new_file_name(self, prefix: str, n: int) -> Tuple[str, PathLike]:
+        file_name = f"{prefix}{n}{DEFAULT_SUFFIX}"
+        path = self.fs.concat_path(self.path, file_name)
+        if self.fs.exists(path):
+            # Never rewrite a file the committed checkpoint may name: it must stay loadable
+            # until the new metadata replaces it.
+            file_name = f"{prefix}{n}.{self.save_id[:8]}{DEFAULT_SUFFIX}"
+            path = self.fs.concat_path(self.path, file_name)
+        return file_name, path
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[List[WriteResult]]:
+        prefix = plan.storage_data.prefix
+        buckets = (
+            _split_by_size_and_type(self.thread_count, plan.items)
+            if self.single_file_per_rank
+            else [[item] for item in plan.items]
+        )
+        file_queue: queue.Queue = queue.Queue()
+        for n, bucket in enumerate(buckets):
+            file_name, path = self._new_file_name(prefix, n)
+            file_queue.put((path, file_name, bucket))
+        return self._write_data(planner, file_queue)
+
+    def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[List[WriteResult]]:
+        result_queue: queue.Queue = queue.Queue()
+        errors: List[BaseException] = []
+
+        def work() -> None:
+            try:
+                _write_files_from_queue(
+                    self.fs.create_stream,
+                    file_queue,
+                    result_queue,
+                    planner,
+                    self.transforms,
+                    self.per_thread_copy_ahead,
+                    self.sync_files,
+                    self.thread_count,
+                    self.serialization_format,
+                )
+            except BaseException as e:  # noqa: B036 - re-raised in the calling thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, name=f"dcp_filesystem-writer-{i}") for i in range(1, self.thread_count)]
+        for t in threads:
+            t.start()
+        work()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        results: List[WriteResult] = []
+        while not result_queue.empty():
+            results += result_queue.get_nowait()
+        fut: Future[List[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
+        if "version" in _compat.METADATA_FIELDS:
+            metadata.version = CURRENT_DCP_VERSION
+        metadata.storage_data = {
+            wr.index: storage_info_for_disk(wr.storage_data) for wr_list in results for wr in wr_list
+        }
+        if "storage_meta" in _compat.METADATA_FIELDS:
+            metadata.storage_meta = self.storage_meta()
+
+        rank = self.rank if self._rank_local() else None
+        tmp_path = self.fs.concat_path(self.path, f"{metadata_file_name(rank)}.tmp")
+        with self.fs.create_stream(tmp_path, "wb") as metadata_file:
+            pickle.dump(metadata, metadata_file)
+            if self.sync_files:
+                fsync_stream(metadata_file)
+        metadata_path = self._get_metadata_path(rank)
+        if not isinstance(self.fs, FileSystem) and self.fs.exists(metadata_path):
+            self.fs.rm_file(metadata_path)  # other file systems may not replace on rename
+        self.fs.rename(tmp_path, metadata_path)
+        if self.sync_files and isinstance(self.fs, FileSystem):
+            self.fs.sync_dir(self.path)
+        self._remove_stale_data_files(metadata, rank)
+
+    def _remove_stale_data_files(self, metadata: Metadata, rank: Optional[int]) -> None:
+        """Delete data files of earlier (or killed) saves that the committed metadata no longer names."""
+        ls = getattr(self.fs, "ls", None)
+        if ls is None:
+            return
+        referenced = {info.relative_path for info in metadata.storage_data.values()}
+        for entry in ls(self.path):
+            name = os.path.basename(str(entry))
+            match = _DATA_FILE.fullmatch(name)
+            if match is None or name in referenced or (rank is not None and int(match.group(1)) != rank):
+                continue
+            self.fs.rm_file(self.fs.concat_path(self.path, name))
+
+    def storage_meta(self) -> Optional[Any]:
+        if _compat.StorageMeta is None:
+            return None
+        return _compat.StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
+
+    def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
+        return self.fs.concat_path(self.path, metadata_file_name(rank))
+
+    @property
+    def checkpoint_id(self) -> PathLike:
+        """The checkpoint_id that will be used to save the checkpoint."""
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class FileSystemWriter(_FileSystemWriter, _compat.BlockingAsyncStager):
+    """
+    Basic implementation of StorageWriter using file IO.
+
+    The checkpoint consists of one file per write request plus a global
+    ``.metadata`` file with the serialized metadata if rank coordination is
+    enabled, or a rank local ``__{rank}.metadata`` file if it is not.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = 1,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Optional[Sequence[StreamTransformExtension]] = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+    ) -> None:
+        """
+        Initialize the writer pointing to ``path``.
+
+        Args:
+            path: directory where the checkpoint will be written to.
+            single_file_per_rank: Produce one file per rank instead of one file per tensor/blob. Default to True.
+            sync_files : force files to be synced to permanent storage. Default to True.
+            thread_count: Number of IO threads to use to write. Default to 1.
+            per_thread_copy_ahead: How many bytes to copy from the GPU ahead of saving them. Default 10Mb.
+            cache_staged_state_dict: Whether to cache the staged state_dict. This option decreases staging latency
+                at the cost of increased memory usage. Additionally, if this parameter is set to True, it's the expectation
+                that the stager is maintained and reused for multiple dcp.async_save calls. Default to False.
+            overwrite: Whether to allow overwriting existing checkpoints. Defaults to True.
+            _extensions: Extensions to apply to output streams (EXPERIMENTAL)
+            serialization_format: TORCH_SAVE (default) or SAFETENSORS.
+
+        N. B. If sync_files is disabled, there's no guarantee that the checkpoint will be consistent in the case of a failure.
+        """
+        _FileSystemWriter.__init__(
+            self,
+            path=path,
+            single_file_per_rank=single_file_per_rank,
+            sync_files=sync_files,
+            thread_count=thread_count,
+            per_thread_copy_ahead=per_thread_copy_ahead,
+            overwrite=overwrite,
+            _extensions=_extensions,
+            serialization_format=serialization_format,
+        )
+        _compat.BlockingAsyncStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict)
+
+    def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        """Override of AsyncStager.stage: the staged copy is already on CPU, so nothing is copied ahead."""
+        self.per_thread_copy_ahead = 0
+        return super().stage(state_dict)
