@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Dict, List, Optional, Tuple
 
 import torch
@@ -13,7 +15,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import _compat
-from ._bytes import tensor_from_bytes
+from ._bytes import tensor_bytes, tensor_from_bytes
 from ._format import (
     SafetensorsEntry,
     SafetensorsHeader,
@@ -22,6 +24,7 @@ from ._format import (
     metadata_file_name,
     transform_descriptors_of,
 )
+from ._torch_save import load_tensor
 from .fs import FileSystem, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
@@ -45,24 +48,30 @@ class _DataFile:
         self.size = stream.tell()
         self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
 
-    def read_at(self, offset: int, length: int) -> bytearray:
-        buffer = bytearray(length)
+    def readinto_at(self, offset: int, view: memoryview) -> int:
         self.stream.seek(offset)
-        view = memoryview(buffer)
         got = 0
-        while got < length:
+        while got < len(view):
             n = self.stream.readinto(view[got:])
             if not n:
                 break
             got += n
+        return got
+
+    def read_at(self, offset: int, length: int) -> bytearray:
+        buffer = bytearray(length)
+        got = self.readinto_at(offset, memoryview(buffer))
         return buffer if got == length else buffer[:got]
 
-    def read_exact(self, offset: int, length: int, item: str) -> bytearray:
+    def check_range(self, offset: int, length: int, item: str) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(
                 f"{self.name}: item {item} needs bytes [{offset}, {offset + length}) "
                 f"but the file has {self.size} bytes (truncated or damaged checkpoint)"
             )
+
+    def read_exact(self, offset: int, length: int, item: str) -> bytearray:
+        self.check_range(offset, length, item)
         buffer = self.read_at(offset, length)
         if len(buffer) != length:
             raise ValueError(f"{self.name}: item {item}: read {len(buffer)} of {length} bytes at offset {offset}")
@@ -92,18 +101,54 @@ def _find_entry(header: SafetensorsHeader, req: ReadItem, begin: int, end: int) 
     return None
 
 
+class _Planner:
+    """A LoadPlanner whose calls hold ``lock`` when reads run in several threads."""
+
+    def __init__(self, planner: LoadPlanner, lock: Optional[threading.Lock]) -> None:
+        self.planner = planner
+        self.lock = lock
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self.lock is None:
+            return getattr(self.planner, method)(*args)
+        with self.lock:
+            return getattr(self.planner, method)(*args)
+
+    def resolve_tensor(self, req: ReadItem) -> torch.Tensor:
+        return self._call("resolve_tensor", req)
+
+    def commit_tensor(self, req: ReadItem, tensor: torch.Tensor) -> None:
+        self._call("commit_tensor", req, tensor)
+
+    def load_bytes(self, req: ReadItem, value: io.BytesIO) -> None:
+        self._call("load_bytes", req, value)
+
+
 class FileSystemReader(StorageReader):
     def __init__(
         self,
         path: PathLike,
         _extension_registry: Optional[ExtensionRegistry] = None,  # EXPERIMENTAL
+        *,
+        thread_count: int = 1,
     ) -> None:
+        """
+        Initialize the reader pointing to ``path``.
+
+        Args:
+            path: directory holding the checkpoint.
+            _extension_registry: Extensions that can undo the stream transforms named in the metadata (EXPERIMENTAL).
+            thread_count: Number of data files read at once. Default to 1, as upstream.
+        """
         super().__init__()
+        if not isinstance(thread_count, int) or thread_count < 1:
+            raise ValueError(f"thread_count must be a positive int, got {thread_count!r}")
         self.fs = FileSystem()
         self.path = self.fs.init_path(path)
         self.storage_data: Dict[Any, Any] = {}
         self.load_id = _generate_uuid()
         self.transforms = _StorageReaderTransforms(_extension_registry)
+        self.thread_count = thread_count
         self.rank: Optional[int] = None
         self.use_collectives = True
 
@@ -123,21 +168,34 @@ class FileSystemReader(StorageReader):
         for req in plan.items:
             info = self.storage_data[req.storage_index]
             per_file.setdefault(info.relative_path, []).append((req, info))
-        for relative_path, reqs in per_file.items():
-            reqs.sort(key=lambda r: r[1].offset)  # one pass through the file, front to back
+        # Planners are not promised to be thread-safe: their calls are serialised.
+        planner_lock = threading.Lock() if self.thread_count > 1 else None
+
+        def read_file(relative_path: str) -> None:
+            reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
             with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
                 data_file = _DataFile(stream, os.path.join(str(self.path), relative_path))
                 for req, info in reqs:
-                    self._read_item(data_file, req, info, planner)
+                    self._read_item(data_file, req, info, _Planner(planner, planner_lock))
+
+        if self.thread_count == 1 or len(per_file) == 1:
+            for relative_path in per_file:
+                read_file(relative_path)
+        else:
+            with ThreadPoolExecutor(min(self.thread_count, len(per_file)), "dcp_filesystem-reader") as pool:
+                for done in [pool.submit(read_file, relative_path) for relative_path in per_file]:
+                    done.result()
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
-    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
+    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: "_Planner") -> None:
         item = f"{req.storage_index.fqn!r}"
         if req.storage_index.offset is not None:
             item += f" (chunk at {list(req.storage_index.offset)})"
         descriptors = transform_descriptors_of(info)
+        if req.type != LoadItemType.BYTE_IO and not descriptors and self._read_raw_in_place(data_file, req, info, item, planner):
+            return
         payload = data_file.read_exact(info.offset, info.length, item)
         try:
             if descriptors:
@@ -159,6 +217,31 @@ class FileSystemReader(StorageReader):
         target.copy_(tensor)
         planner.commit_tensor(req, target)
 
+    def _read_raw_in_place(
+        self, data_file: _DataFile, req: ReadItem, info: Any, item: str, planner: "_Planner"
+    ) -> bool:
+        """Read a whole safetensors chunk straight into its destination; False where that cannot be done."""
+        header = data_file.safetensors_header(0)
+        if header is None or info.offset < header.data_start:
+            return False
+        entry = _find_entry(header, req, info.offset, info.offset + info.length)
+        if entry is None or any(req.storage_offsets) or tuple(req.lengths) != entry.shape:
+            return False
+        target = planner.resolve_tensor(req).detach()
+        if target.dtype != entry.dtype or target.device.type != "cpu" or not target.is_contiguous():
+            return False
+        if tuple(target.size()) != entry.shape:
+            raise ValueError(
+                f"{data_file.name}: item {item} has size {list(entry.shape)} "
+                f"but the load plan expects {list(target.size())}"
+            )
+        data_file.check_range(info.offset, info.length, item)
+        got = data_file.readinto_at(info.offset, tensor_bytes(target))
+        if got != info.length:
+            raise ValueError(f"{data_file.name}: item {item}: read {got} of {info.length} bytes at offset {info.offset}")
+        planner.commit_tensor(req, target)
+        return True
+
     def _decode_tensor(
         self, data_file: _DataFile, req: ReadItem, info: Any, payload: bytearray, transformed: bool
     ) -> torch.Tensor:
@@ -178,7 +261,7 @@ class FileSystemReader(StorageReader):
                     raise ValueError("payload is neither a torch.save archive nor a safetensors entry")
                 raw = data_file.read_exact(entry.begin, entry.end - entry.begin, repr(req.storage_index.fqn))
                 return tensor_from_bytes(raw, entry.dtype, entry.shape)
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return load_tensor(payload)
 
     def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
         return self.fs.concat_path(self.path, metadata_file_name(rank))

@@ -349,7 +349,7 @@ class _FileSystemWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[List[WriteResult]]:
         prefix = plan.storage_data.prefix
         buckets = (
-            _split_by_size_and_type(self.thread_count, plan.items)
+            [b for b in _split_by_size_and_type(self.thread_count, plan.items) if b]
             if self.single_file_per_rank
             else [[item] for item in plan.items]
         )

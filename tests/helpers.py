@@ -45,13 +45,16 @@ def zeros_like_state(state_dict):
     return None
 
 
+def _raw_bytes(tensor):
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
 def assert_state_equal(expected, actual, path="state"):
     """Bit-exact equality of nested state dicts (tensors compared by dtype, shape and bytes)."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), path
         assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
-        assert torch.equal(actual.view(torch.uint8) if actual.numel() and actual.dim() else actual,
-                           expected.view(torch.uint8) if expected.numel() and expected.dim() else expected), path
+        assert torch.equal(_raw_bytes(actual), _raw_bytes(expected)), path
     elif isinstance(expected, dict):
         assert set(actual) == set(expected), path
         for k in expected:
