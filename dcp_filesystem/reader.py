@@ -167,6 +167,8 @@ class FileSystemReader(StorageReader):
         per_file: Dict[str, List[Tuple[ReadItem, Any]]] = {}
         for req in plan.items:
             info = self.storage_data[req.storage_index]
+            if info.relative_path not in per_file:
+                self._check_confined(info.relative_path, req)
             per_file.setdefault(info.relative_path, []).append((req, info))
         # Planners are not promised to be thread-safe: their calls are serialised.
         planner_lock = threading.Lock() if self.thread_count > 1 else None
@@ -188,6 +190,24 @@ class FileSystemReader(StorageReader):
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def _check_confined(self, relative_path: Any, req: ReadItem) -> None:
+        """Refuse storage paths that leave the checkpoint directory (absolute, '..', or through a symlink)."""
+        parts = str(relative_path).replace("\\", "/").split("/")
+        escapes = (
+            not isinstance(relative_path, str)
+            or not relative_path
+            or os.path.isabs(relative_path)
+            or ".." in parts
+        )
+        if not escapes and isinstance(self.fs, FileSystem):
+            root = os.path.realpath(self.path)
+            escapes = os.path.commonpath([root, os.path.realpath(os.path.join(root, relative_path))]) != root
+        if escapes:
+            raise ValueError(
+                f"{self._get_metadata_path()}: item {req.storage_index.fqn!r} names storage file "
+                f"{relative_path!r}, which is outside the checkpoint directory {self.path}"
+            )
 
     def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: "_Planner") -> None:
         item = f"{req.storage_index.fqn!r}"

@@ -36,15 +36,21 @@ def find_python(version: str) -> str:
     raise SystemExit(f"matrix: no Python {version} found (pyenv or PATH)")
 
 
+def test_deps(torch_version: str) -> list:
+    # Stock torch's SAFETENSORS writer (2.8+) needs NumPy; cells below 2.3 stay without it,
+    # which also proves the package never needs it (torch 2.1 + NumPy 2 has no Tensor.numpy()).
+    major, minor = (int(x) for x in torch_version.split(".")[:2])
+    return TEST_DEPS + (["numpy"] if (major, minor) >= (2, 3) else [])
+
+
 def ensure_venv(torch_version: str, py: str, log) -> Path:
     venv = CACHE / f"py{py}-torch{torch_version}"
     stamp = venv / "dcp-matrix-stamp"
-    wanted = " ".join([f"torch=={torch_version}"] + TEST_DEPS)
+    wanted = " ".join([f"torch=={torch_version}"] + test_deps(torch_version))
     if stamp.exists() and stamp.read_text() == wanted:
         return venv
-    if venv.exists():
-        shutil.rmtree(venv)
-    subprocess.run([find_python(py), "-m", "venv", str(venv)], check=True, stdout=log, stderr=log)
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([find_python(py), "-m", "venv", str(venv)], check=True, stdout=log, stderr=log)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + wanted.split(), check=True, stdout=log, stderr=log)
     stamp.write_text(wanted)

@@ -1,0 +1,101 @@
+"""A save killed with SIGKILL at any moment never leaves a directory that loads a mix of old and new data."""
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+from helpers import dcp_load, dcp_save
+
+from dcp_filesystem import FileSystemReader, FileSystemWriter
+
+KILL_POINTS = 30
+fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to start writers without re-importing torch")
+
+
+def state_of(generation):
+    """Every tensor holds the generation number, so a mix of two saves is visible in any tensor."""
+    state = {f"w{i}": torch.full((256, 1024), float(generation)) for i in range(6)}  # 6 MiB
+    state.update({f"b{i}": torch.full((64,), float(generation)) for i in range(40)})
+    state["step"] = generation
+    return state
+
+
+def generation_on_disk(path):
+    """The one generation the directory loads; raises if it loads a mix."""
+    out = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1) for k, v in state_of(0).items()}
+    dcp_load(out, FileSystemReader(path))
+    generations = {int(v.unique().item()) for v in out.values() if isinstance(v, torch.Tensor)}
+    generations.add(out["step"])
+    assert len(generations) == 1, f"mixed checkpoint: generations {sorted(generations)}"
+    return generations.pop()
+
+
+def overwrite_forever(path, thread_count, generations):
+    torch.set_num_threads(1)
+    for generation, state in generations:
+        dcp_save(state, FileSystemWriter(path, thread_count=thread_count))
+    os._exit(0)
+
+
+def kill_during_saves(path, thread_count, delay, generations):
+    child = multiprocessing.get_context("fork").Process(
+        target=overwrite_forever, args=(str(path), thread_count, generations)
+    )
+    child.start()
+    time.sleep(delay)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(30)
+    assert child.exitcode in (-signal.SIGKILL, 0)
+
+
+def referenced_files(path):
+    md = FileSystemReader(path).read_metadata()
+    return {info.relative_path for info in md.storage_data.values()}
+
+
+@fork
+@pytest.mark.parametrize("thread_count", [1, 4])
+def test_killed_overwrite_loads_old_or_new_never_a_mix(tmp_path, thread_count):
+    path = tmp_path / "ckpt"
+    dcp_save(state_of(1), FileSystemWriter(path, thread_count=thread_count))
+    start = time.perf_counter()
+    dcp_save(state_of(1), FileSystemWriter(path, thread_count=thread_count))
+    save_seconds = time.perf_counter() - start
+    generations = [(g, state_of(g)) for g in (2, 3)]
+    seen = set()
+    for point in range(KILL_POINTS):
+        committed = generation_on_disk(path)
+        kill_during_saves(path, thread_count, 1.6 * save_seconds * point / KILL_POINTS, generations)
+        after = generation_on_disk(path)
+        assert after == committed or after in (2, 3), (point, committed, after)
+        seen.add(after)
+        # The next successful save removes whatever the killed one left behind.
+        dcp_save(state_of(1), FileSystemWriter(path, thread_count=thread_count))
+        assert sorted(os.listdir(path)) == sorted(referenced_files(path) | {".metadata"})
+        assert generation_on_disk(path) == 1
+    # The kills landed both before and after a new checkpoint committed.
+    assert 1 in seen and seen & {2, 3}, seen
+
+
+@fork
+def test_killed_first_save_is_new_checkpoint_or_clear_refusal(tmp_path):
+    state = state_of(7)
+    dcp_save(state, FileSystemWriter(tmp_path / "warm-up"))
+    start = time.perf_counter()
+    dcp_save(state, FileSystemWriter(tmp_path / "timing"))
+    save_seconds = time.perf_counter() - start
+    outcomes = set()
+    for point in range(10):
+        path = tmp_path / f"first{point}"
+        # A forked child saves slower than this warm process: spread the kills to 3 save times.
+        kill_during_saves(path, 1, 3 * save_seconds * point / 10, [(7, state)])
+        if os.path.exists(path / ".metadata"):
+            assert generation_on_disk(path) == 7
+            outcomes.add("loaded")
+        else:
+            with pytest.raises(FileNotFoundError, match=r"\.metadata"):
+                FileSystemReader(path).read_metadata()
+            outcomes.add("refused")
+    assert outcomes == {"loaded", "refused"}
