@@ -2,8 +2,9 @@
 
 The archive is an uncompressed zip holding ``data.pkl`` (a pickle that calls
 ``torch._utils._rebuild_tensor_v2`` on a storage reference) and the storage
-bytes. This module unpickles with an allow-list of exactly those globals and
-views the storage bytes in place; any archive it does not recognise is passed
+bytes. This module checks every member against the CRC-32 torch.save recorded
+(torch.load does not), unpickles with an allow-list of exactly those globals and
+views the storage bytes in place; an archive it does not recognise is passed
 to ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -13,10 +14,12 @@ import io
 import pickle
 import struct
 import sys
+import zlib
 from typing import Any, Dict, NamedTuple, Tuple
 
 import torch
 
+ZIP_MAGIC = b"PK\x03\x04"
 _END_OF_CENTRAL_DIR = struct.Struct("<IHHHHIIH")
 _CENTRAL_DIR_ENTRY = struct.Struct("<IHHHHHHIIIHHHHHII")
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
@@ -63,36 +66,45 @@ class _TensorUnpickler(pickle.Unpickler):
 
 
 def _members(payload: bytearray) -> Dict[str, Tuple[int, int]]:
-    """Zip member name -> (data offset, size), for the stored (uncompressed) members."""
+    """Zip member name -> (data offset, size), each checked against its CRC-32.
+
+    torch.save writes plain stored zips; anything else in an archive that starts
+    with the zip signature is damage, except zip64 (members over 4 GiB).
+    """
     end = len(payload) - _END_OF_CENTRAL_DIR.size
     if end < 0:
-        raise _Unsupported("too short for a zip archive")
+        raise ValueError(f"torch.save archive is truncated ({len(payload)} bytes)")
     signature, _, _, _, count, _, directory, comment = _END_OF_CENTRAL_DIR.unpack_from(payload, end)
-    if signature != 0x06054B50 or comment != 0 or count == 0xFFFF or directory == 0xFFFFFFFF:
-        raise _Unsupported("no plain end-of-central-directory record")
+    if count == 0xFFFF or directory == 0xFFFFFFFF:
+        raise _Unsupported("zip64 archive")
+    if signature != 0x06054B50 or comment != 0:
+        raise ValueError("torch.save archive has no valid end-of-central-directory record")
     members = {}
     position = directory
     for _ in range(count):
         if position + _CENTRAL_DIR_ENTRY.size > end:
-            raise _Unsupported("central directory out of bounds")
+            raise ValueError("torch.save archive's central directory runs past its end")
         fields = _CENTRAL_DIR_ENTRY.unpack_from(payload, position)
-        if fields[0] != 0x02014B50 or fields[4] != 0 or fields[8] == 0xFFFFFFFF:
-            raise _Unsupported("compressed or zip64 member")
-        name_len, extra_len, comment_len, local = fields[10], fields[11], fields[12], fields[16]
+        crc, size, local = fields[7], fields[8], fields[16]
+        name_len, extra_len, comment_len = fields[10], fields[11], fields[12]
+        if size == 0xFFFFFFFF:
+            raise _Unsupported("zip64 member")
+        if fields[0] != 0x02014B50 or fields[4] != 0 or local + _LOCAL_HEADER.size > end:
+            raise ValueError("torch.save archive has a damaged central directory entry")
         name = bytes(payload[position + 46 : position + 46 + name_len]).decode("utf-8", "replace")
         position += 46 + name_len + extra_len + comment_len
-        if local + _LOCAL_HEADER.size > end:
-            raise _Unsupported("local header out of bounds")
         header = _LOCAL_HEADER.unpack_from(payload, local)
         start = local + _LOCAL_HEADER.size + header[9] + header[10]
-        if header[0] != 0x04034B50 or start + fields[8] > end:
-            raise _Unsupported("member data out of bounds")
-        members[name] = (start, fields[8])
+        if header[0] != 0x04034B50 or start + size > end:
+            raise ValueError(f"torch.save archive member {name!r} has a damaged header")
+        # A CRC of 0 means torch.save was told not to compute one (set_crc32_options).
+        if crc and zlib.crc32(memoryview(payload)[start : start + size]) != crc:
+            raise ValueError(f"archive member {name!r} fails its CRC-32 check (damaged data)")
+        members[name] = (start, size)
     return members
 
 
-def _decode(payload: bytearray) -> torch.Tensor:
-    members = _members(payload)
+def _decode(payload: bytearray, members: Dict[str, Tuple[int, int]]) -> torch.Tensor:
     pickles = [name for name in members if name.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise _Unsupported("not a single-pickle archive")
@@ -119,6 +131,8 @@ def _decode(payload: bytearray) -> torch.Tensor:
 def load_tensor(payload: bytearray) -> torch.Tensor:
     """The tensor in a torch.save archive; it may share memory with ``payload``."""
     try:
-        return _decode(payload)
+        if payload[:4] != ZIP_MAGIC:
+            raise _Unsupported("not a zip archive (legacy torch.save format)")
+        return _decode(payload, _members(payload))
     except _Unsupported:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

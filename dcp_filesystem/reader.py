@@ -24,11 +24,9 @@ from ._format import (
     metadata_file_name,
     transform_descriptors_of,
 )
-from ._torch_save import load_tensor
+from ._torch_save import ZIP_MAGIC, load_tensor
 from .fs import FileSystem, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
-
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
@@ -177,6 +175,7 @@ class FileSystemReader(StorageReader):
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
             with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
                 data_file = _DataFile(stream, os.path.join(str(self.path), relative_path))
+                data_file.safetensors_header(0)  # a damaged header fails here, whichever item comes first
                 for req, info in reqs:
                     self._read_item(data_file, req, info, _Planner(planner, planner_lock))
 
@@ -273,7 +272,7 @@ class FileSystemReader(StorageReader):
                 if entry is None:
                     raise ValueError(f"no safetensors entry covers bytes [{info.offset}, {info.offset + info.length})")
                 return tensor_from_bytes(payload, entry.dtype, entry.shape)
-            if payload[:4] != _ZIP_MAGIC:
+            if payload[:4] != ZIP_MAGIC:
                 # Written by stock torch's SAFETENSORS mode: the recorded offset is where its header starts.
                 stock = data_file.safetensors_header(info.offset)
                 entry = stock.entries.get(req.storage_index.fqn) if stock is not None else None

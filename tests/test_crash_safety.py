@@ -39,11 +39,25 @@ def overwrite_forever(path, thread_count, generations):
     os._exit(0)
 
 
-def kill_during_saves(path, thread_count, delay, generations):
+def start_child(path, thread_count, generations):
     child = multiprocessing.get_context("fork").Process(
         target=overwrite_forever, args=(str(path), thread_count, generations)
     )
     child.start()
+    return child
+
+
+def child_save_seconds(path, thread_count, generation):
+    """How long one save takes in a forked child (slower than in this warm process)."""
+    start = time.perf_counter()
+    child = start_child(path, thread_count, [generation])
+    child.join(120)
+    assert child.exitcode == 0
+    return time.perf_counter() - start
+
+
+def kill_during_saves(path, thread_count, delay, generations):
+    child = start_child(path, thread_count, generations)
     time.sleep(delay)
     os.kill(child.pid, signal.SIGKILL)
     child.join(30)
@@ -59,15 +73,13 @@ def referenced_files(path):
 @pytest.mark.parametrize("thread_count", [1, 4])
 def test_killed_overwrite_loads_old_or_new_never_a_mix(tmp_path, thread_count):
     path = tmp_path / "ckpt"
-    dcp_save(state_of(1), FileSystemWriter(path, thread_count=thread_count))
-    start = time.perf_counter()
-    dcp_save(state_of(1), FileSystemWriter(path, thread_count=thread_count))
-    save_seconds = time.perf_counter() - start
     generations = [(g, state_of(g)) for g in (2, 3)]
+    save_seconds = child_save_seconds(path, thread_count, (1, state_of(1)))
     seen = set()
     for point in range(KILL_POINTS):
         committed = generation_on_disk(path)
-        kill_during_saves(path, thread_count, 1.6 * save_seconds * point / KILL_POINTS, generations)
+        # Spread over the first overwrite and into the second.
+        kill_during_saves(path, thread_count, 1.5 * save_seconds * point / KILL_POINTS, generations)
         after = generation_on_disk(path)
         assert after == committed or after in (2, 3), (point, committed, after)
         seen.add(after)
@@ -82,15 +94,11 @@ def test_killed_overwrite_loads_old_or_new_never_a_mix(tmp_path, thread_count):
 @fork
 def test_killed_first_save_is_new_checkpoint_or_clear_refusal(tmp_path):
     state = state_of(7)
-    dcp_save(state, FileSystemWriter(tmp_path / "warm-up"))
-    start = time.perf_counter()
-    dcp_save(state, FileSystemWriter(tmp_path / "timing"))
-    save_seconds = time.perf_counter() - start
+    save_seconds = child_save_seconds(tmp_path / "timing", 1, (7, state))
     outcomes = set()
     for point in range(10):
         path = tmp_path / f"first{point}"
-        # A forked child saves slower than this warm process: spread the kills to 3 save times.
-        kill_during_saves(path, 1, 3 * save_seconds * point / 10, [(7, state)])
+        kill_during_saves(path, 1, 1.3 * save_seconds * point / 10, [(7, state)])
         if os.path.exists(path / ".metadata"):
             assert generation_on_disk(path) == 7
             outcomes.add("loaded")
