@@ -53,6 +53,17 @@ def available_device_type() -> Optional[str]:
     return None
 
 
+def cpu_copy(value: Any) -> Any:
+    """A copy of a state dict with every tensor copied to CPU memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
 try:
     from torch.distributed.checkpoint.staging import BlockingAsyncStager
 except ImportError:
@@ -68,19 +79,7 @@ except ImportError:
             self.state_dict_cache: Optional[dict] = None
 
         def stage(self, state_dict: dict) -> dict:
-            def to_cpu(value: Any) -> Any:
-                if isinstance(value, torch.Tensor):
-                    return value.detach().to("cpu", copy=True)
-                if isinstance(value, dict):
-                    return {k: to_cpu(v) for k, v in value.items()}
-                if isinstance(value, (list, tuple)):
-                    return type(value)(to_cpu(v) for v in value)
-                return copy.deepcopy(value)
-
-            staged = to_cpu(state_dict)
-            if self.cache_staged_state_dict:
-                self.state_dict_cache = staged
-            return staged
+            return cpu_copy(state_dict)
 
         def synchronize_staging(self) -> None:
             pass

@@ -503,4 +503,7 @@ class FileSystemWriter(_FileSystemWriter, _compat.BlockingAsyncStager):
     def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Override of AsyncStager.stage: the staged copy is already on CPU, so nothing is copied ahead."""
         self.per_thread_copy_ahead = 0
+        if self.cache_staged_state_dict and _compat.available_device_type() is None:
+            # torch's stager pins its cache, which needs an accelerator; without one pinning buys nothing.
+            return _compat.cpu_copy(state_dict)
         return super().stage(state_dict)
