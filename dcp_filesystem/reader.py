@@ -208,12 +208,13 @@ class FileSystemReader(StorageReader):
                 f"{relative_path!r}, which is outside the checkpoint directory {self.path}"
             )
 
-    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: "_Planner") -> None:
+    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: _Planner) -> None:
         item = f"{req.storage_index.fqn!r}"
         if req.storage_index.offset is not None:
             item += f" (chunk at {list(req.storage_index.offset)})"
         descriptors = transform_descriptors_of(info)
-        if req.type != LoadItemType.BYTE_IO and not descriptors and self._read_raw_in_place(data_file, req, info, item, planner):
+        raw_tensor = req.type != LoadItemType.BYTE_IO and not descriptors
+        if raw_tensor and self._read_raw_in_place(data_file, req, info, item, planner):
             return
         payload = data_file.read_exact(info.offset, info.length, item)
         try:
@@ -237,7 +238,7 @@ class FileSystemReader(StorageReader):
         planner.commit_tensor(req, target)
 
     def _read_raw_in_place(
-        self, data_file: _DataFile, req: ReadItem, info: Any, item: str, planner: "_Planner"
+        self, data_file: _DataFile, req: ReadItem, info: Any, item: str, planner: _Planner
     ) -> bool:
         """Read a whole safetensors chunk straight into its destination; False where that cannot be done."""
         header = data_file.safetensors_header(0)
@@ -257,7 +258,9 @@ class FileSystemReader(StorageReader):
         data_file.check_range(info.offset, info.length, item)
         got = data_file.readinto_at(info.offset, tensor_bytes(target))
         if got != info.length:
-            raise ValueError(f"{data_file.name}: item {item}: read {got} of {info.length} bytes at offset {info.offset}")
+            raise ValueError(
+                f"{data_file.name}: item {item}: read {got} of {info.length} bytes at offset {info.offset}"
+            )
         planner.commit_tensor(req, target)
         return True
 

@@ -262,7 +262,8 @@ class _FileSystemWriter(StorageWriter):
             _extensions: Extensions to apply to output streams (EXPERIMENTAL)
             serialization_format: TORCH_SAVE (default) or SAFETENSORS.
 
-        N. B. If sync_files is disabled, there's no guarantee that the checkpoint will be consistent in the case of a failure.
+        N. B. If sync_files is disabled, there's no guarantee that the checkpoint will be consistent
+        in the case of a failure.
         """
         super().__init__()
         if not isinstance(thread_count, int) or thread_count < 1:
@@ -379,7 +380,9 @@ class _FileSystemWriter(StorageWriter):
             except BaseException as e:  # noqa: B036 - re-raised in the calling thread
                 errors.append(e)
 
-        threads = [threading.Thread(target=work, name=f"dcp_filesystem-writer-{i}") for i in range(1, self.thread_count)]
+        threads = [
+            threading.Thread(target=work, name=f"dcp_filesystem-writer-{i}") for i in range(1, self.thread_count)
+        ]
         for t in threads:
             t.start()
         work()
@@ -478,14 +481,16 @@ class FileSystemWriter(_FileSystemWriter, _compat.BlockingAsyncStager):
             sync_files : force files to be synced to permanent storage. Default to True.
             thread_count: Number of IO threads to use to write. Default to 1.
             per_thread_copy_ahead: How many bytes to copy from the GPU ahead of saving them. Default 10Mb.
-            cache_staged_state_dict: Whether to cache the staged state_dict. This option decreases staging latency
-                at the cost of increased memory usage. Additionally, if this parameter is set to True, it's the expectation
-                that the stager is maintained and reused for multiple dcp.async_save calls. Default to False.
+            cache_staged_state_dict: Whether to cache the staged state_dict. This option decreases staging
+                latency at the cost of increased memory usage. Additionally, if this parameter is set to True,
+                it's the expectation that the stager is maintained and reused for multiple dcp.async_save calls.
+                Default to False.
             overwrite: Whether to allow overwriting existing checkpoints. Defaults to True.
             _extensions: Extensions to apply to output streams (EXPERIMENTAL)
             serialization_format: TORCH_SAVE (default) or SAFETENSORS.
 
-        N. B. If sync_files is disabled, there's no guarantee that the checkpoint will be consistent in the case of a failure.
+        N. B. If sync_files is disabled, there's no guarantee that the checkpoint will be consistent
+        in the case of a failure.
         """
         _FileSystemWriter.__init__(
             self,

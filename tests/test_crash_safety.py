@@ -34,7 +34,7 @@ def generation_on_disk(path):
 
 def overwrite_forever(path, thread_count, generations):
     torch.set_num_threads(1)
-    for generation, state in generations:
+    for _, state in generations:
         dcp_save(state, FileSystemWriter(path, thread_count=thread_count))
     os._exit(0)
 

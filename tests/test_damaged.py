@@ -1,5 +1,4 @@
 """Damaged and hostile checkpoints raise clear errors naming the file and the item."""
-import dataclasses
 import os
 import pickle
 import random

@@ -230,7 +230,10 @@ def test_reading_a_slice_of_a_saved_chunk(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.quint8])
 def test_unsupported_dtype_raises_before_any_file(tmp_path, dtype):
-    bad = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8) if dtype == torch.quint8 else torch.ones(3, dtype=dtype)
+    if dtype == torch.quint8:
+        bad = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8)
+    else:
+        bad = torch.ones(3, dtype=dtype)
     path = tmp_path / "ckpt"
     message = f"SAFETENSORS format cannot store 'layer.bad': dtype {dtype} has no safetensors name"
     plan = SavePlan([WriteItem(index=MetadataIndex("layer.bad"), type=WriteItemType.TENSOR, tensor_data=TensorWriteData(
@@ -266,7 +269,7 @@ def test_safetensors_package_is_never_imported(tmp_path):
     assert out.strip() == "ok"
 
 
-stock_format = getattr(__import__("torch.distributed.checkpoint.filesystem", fromlist=["x"]), "SerializationFormat", None)
+stock_format = getattr(torch.distributed.checkpoint.filesystem, "SerializationFormat", None)
 
 
 @pytest.mark.skipif(stock_format is None, reason="this torch's FileSystemWriter has no SAFETENSORS format")
