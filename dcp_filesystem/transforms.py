@@ -37,7 +37,7 @@ else:
 
         @staticmethod
         @abc.abstractmethod
-        def from_descriptor(version: str) -> "Extension": ...
+        def from_descriptor(version: str) -> Extension: ...
 
         @abc.abstractmethod
         def get_descriptor(self) -> str:
@@ -56,7 +56,7 @@ else:
             return importlib.util.find_spec("zstandard") is not None
 
         @staticmethod
-        def from_descriptor(version: str) -> "ZStandard":
+        def from_descriptor(version: str) -> ZStandard:
             if version.partition(".")[0] != "1":
                 raise ValueError(f"Unknown extension version={version!r}")
             return ZStandard()
