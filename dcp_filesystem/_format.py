@@ -34,6 +34,9 @@ else:
         length: int
         transform_descriptors: Optional[Sequence[str]] = None
 
+        def __getstate__(self) -> dict:
+            return {k: v for k, v in self.__dict__.items() if v is not None}
+
 
 @dataclass
 class _StoragePrefix:
@@ -55,7 +58,7 @@ def storage_info_for_disk(info: Any) -> Any:
         return info
     on_disk = _compat.TorchStorageInfo.__new__(_compat.TorchStorageInfo)
     # torch < 2.7 has no transform_descriptors field: it is kept only when set.
-    on_disk.__dict__.update({k: v for k, v in info.__dict__.items() if v is not None})
+    on_disk.__dict__.update(info.__getstate__())
     return on_disk
 
 

@@ -123,6 +123,10 @@ class _OverlappingCpuLoader(_TensorLoader):
             # Issue the next copies before handing out the drained ones, so they overlap the writes.
             self._refill()
             yield from drained
+        yield from self._finish()
+
+    def _finish(self) -> Iterator[Tuple[torch.Tensor, object]]:
+        """Wait for the last copies and hand out everything still held."""
         if self.current_items:
             self.stream.synchronize()
         while self.current_items:

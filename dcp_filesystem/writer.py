@@ -442,6 +442,11 @@ class _FileSystemWriter(StorageWriter):
         return self.fs.concat_path(self.path, metadata_file_name(rank))
 
     @property
+    def metadata_path(self) -> PathLike:
+        """Where ``finish`` writes this rank's metadata (``.metadata``, or ``__{rank}.metadata`` rank-local)."""
+        return self._get_metadata_path(self.rank if self._rank_local() else None)
+
+    @property
     def checkpoint_id(self) -> PathLike:
         """The checkpoint_id that will be used to save the checkpoint."""
         return self.path
@@ -508,7 +513,8 @@ class FileSystemWriter(_FileSystemWriter, _compat.BlockingAsyncStager):
     def stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Override of AsyncStager.stage: the staged copy is already on CPU, so nothing is copied ahead."""
         self.per_thread_copy_ahead = 0
-        if self.cache_staged_state_dict and _compat.available_device_type() is None:
-            # torch's stager pins its cache, which needs an accelerator; without one pinning buys nothing.
-            return _compat.cpu_copy(state_dict)
-        return super().stage(state_dict)
+        if self.cache_staged_state_dict and _compat.available_device_type() is not None:
+            return super().stage(state_dict)
+        # torch's cache is pinned memory, which needs an accelerator; and some torch versions' uncached
+        # stage hands CPU tensors back uncopied, so a later in-place update would leak into the save.
+        return _compat.cpu_copy(state_dict)

@@ -1,0 +1,331 @@
+"""User-supplied FileSystemBase implementations, assigned as ``writer.fs`` / ``reader.fs``.
+
+Upstream's fsspec classes plug in the same way.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from helpers import HAS_DCP_SAVE, assert_state_equal, dcp_load, dcp_save, zeros_like_state
+
+from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem.transforms import ZStandard
+
+MODES = ["torch_save", "safetensors", "zstd"]
+# dcp.save's own single-process notice (torch 2.2+) is not what these tests are about.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is unavailable:UserWarning")
+
+
+def _writer_options(mode):
+    if mode == "torch_save":
+        return {"serialization_format": SerializationFormat.TORCH_SAVE}
+    if mode == "safetensors":
+        return {"serialization_format": SerializationFormat.SAFETENSORS}
+    return {"serialization_format": SerializationFormat.TORCH_SAVE, "_extensions": [ZStandard()]}
+
+
+def _state():
+    g = torch.Generator().manual_seed(99)
+    return {
+        "w": torch.randn(6, 4, generator=g),
+        "bf": torch.randn(5, generator=g).to(torch.bfloat16),
+        "i": torch.randint(-100, 100, (3, 3), generator=g, dtype=torch.int32),
+        "t": torch.arange(12, dtype=torch.float16).reshape(3, 4).t(),
+        "nested": {"mask": torch.tensor([True, False, True]), "s": torch.tensor(7, dtype=torch.int64)},
+        "step": 11,
+        "name": "mem",
+    }
+
+
+def _contiguous(state):
+    if isinstance(state, torch.Tensor):
+        return state.contiguous()
+    if isinstance(state, dict):
+        return {k: _contiguous(v) for k, v in state.items()}
+    return state
+
+
+class MemoryFS(FileSystemBase):
+    """A dict of path -> bytes; streams are BytesIO, which has no file descriptor."""
+
+    def __init__(self):
+        self.files = {}
+        self.dirs = set()
+        self.calls = []
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        key = str(path)
+        self.calls.append(("create_stream", key, mode))
+        if "w" in mode:
+            buf = io.BytesIO()
+            yield buf
+            self.files[key] = buf.getvalue()
+        elif "r" in mode:
+            if key not in self.files:
+                raise FileNotFoundError(key)
+            yield io.BytesIO(self.files[key])
+        else:
+            raise ValueError(mode)
+
+    def concat_path(self, path, suffix):
+        return str(path).rstrip("/") + "/" + suffix
+
+    def rename(self, path, new_path):
+        self.calls.append(("rename", str(path), str(new_path)))
+        self.files[str(new_path)] = self.files.pop(str(path))
+
+    def init_path(self, path):
+        return str(path)
+
+    def mkdir(self, path):
+        self.calls.append(("mkdir", str(path)))
+        self.dirs.add(str(path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        return str(checkpoint_id).startswith("memory://")
+
+    def exists(self, path):
+        return str(path) in self.files or str(path) in self.dirs
+
+    def rm_file(self, path):
+        self.calls.append(("rm_file", str(path)))
+        del self.files[str(path)]
+
+    def ls(self, path):
+        prefix = str(path).rstrip("/") + "/"
+        return [k for k in self.files if k.startswith(prefix) and "/" not in k[len(prefix):]]
+
+
+class MemoryWriter(FileSystemWriter):
+    """The fsspec pattern: construct, then swap in the file system and re-derive the path."""
+
+    def __init__(self, path, fs, **kwargs):
+        super().__init__(path, **kwargs)
+        self.fs = fs
+        self.path = self.fs.init_path(path)
+
+
+class MemoryReader(FileSystemReader):
+    def __init__(self, path, fs):
+        super().__init__(path)
+        self.fs = fs
+        self.path = self.fs.init_path(path)
+
+
+class RecordingFS(FileSystemBase):
+    """Wraps the local file system and records every call (not a FileSystem subclass)."""
+
+    def __init__(self):
+        self.inner = FileSystem()
+        self.calls = []
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        self.calls.append(("create_stream", os.path.basename(str(path)), mode))
+        with self.inner.create_stream(path, mode) as stream:
+            yield stream
+
+    def concat_path(self, path, suffix):
+        return self.inner.concat_path(path, suffix)
+
+    def rename(self, path, new_path):
+        self.calls.append(("rename", os.path.basename(str(path)), os.path.basename(str(new_path))))
+        self.inner.rename(path, new_path)
+
+    def init_path(self, path):
+        return self.inner.init_path(path)
+
+    def mkdir(self, path):
+        self.calls.append(("mkdir", str(path)))
+        self.inner.mkdir(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id):
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+    def exists(self, path):
+        return self.inner.exists(path)
+
+    def rm_file(self, path):
+        self.calls.append(("rm_file", os.path.basename(str(path))))
+        self.inner.rm_file(path)
+
+
+def _raw_save(state, writer):
+    """dcp save without the helper's warning suppression, so warnings reach pytest."""
+    if HAS_DCP_SAVE:
+        return dcp.save(state, storage_writer=writer)
+    return dcp.save_state_dict(state, storage_writer=writer, no_dist=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("thread_count", [1, 3])
+def test_memory_fs_round_trip_touches_no_disk(tmp_path, monkeypatch, mode, thread_count):
+    monkeypatch.chdir(tmp_path)
+    fs = MemoryFS()
+    state = _state()
+    dcp_save(state, MemoryWriter("memory://bucket/ckpt", fs, thread_count=thread_count, **_writer_options(mode)))
+    assert os.listdir(tmp_path) == [], "the in-memory file system wrote to the local disk"
+
+    data_files = sorted(k for k in fs.files if k.endswith(".distcp"))
+    assert data_files == [f"memory://bucket/ckpt/__0_{i}.distcp" for i in range(thread_count)]
+    assert sorted(fs.files) == sorted(data_files + ["memory://bucket/ckpt/.metadata"])
+    assert ("rename", "memory://bucket/ckpt/.metadata.tmp", "memory://bucket/ckpt/.metadata") in fs.calls
+    md = pickle.loads(fs.files["memory://bucket/ckpt/.metadata"])
+    assert {i.relative_path for i in md.storage_data.values()} == {os.path.basename(f) for f in data_files}
+    if mode == "safetensors":
+        for f in data_files:
+            assert fs.files[f][8:9] == b"{"  # a safetensors header
+    elif mode == "torch_save":
+        for f in data_files:
+            assert fs.files[f][:4] == b"PK\x03\x04"
+
+    fs.calls.clear()
+    target = zeros_like_state(state)
+    dcp_load(target, MemoryReader("memory://bucket/ckpt", fs))
+    assert_state_equal(_contiguous(state), _contiguous(target))
+    assert target["step"] == 11 and target["name"] == "mem"
+    reads = sorted(c[1] for c in fs.calls if c[0] == "create_stream")
+    assert all(c[2] == "rb" for c in fs.calls if c[0] == "create_stream")
+    assert reads == sorted(data_files + ["memory://bucket/ckpt/.metadata"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_fs_assigned_after_construction(tmp_path, mode):
+    """``writer.fs = MyFS()`` alone (path left as the writer made it) also routes all I/O through MyFS."""
+    fs = MemoryFS()
+    ckpt = tmp_path / "ckpt"
+    writer = FileSystemWriter(ckpt, **_writer_options(mode))
+    writer.fs = fs
+    state = _state()
+    dcp_save(state, writer)
+    assert not ckpt.exists() and os.listdir(tmp_path) == []
+    assert f"{ckpt}/.metadata" in fs.files
+    reader = FileSystemReader(ckpt)
+    reader.fs = fs
+    target = zeros_like_state(state)
+    dcp_load(target, reader)
+    assert_state_equal(_contiguous(state), _contiguous(target))
+
+
+def test_memory_fs_overwrite_keeps_names_in_metadata(tmp_path):
+    fs = MemoryFS()
+    dcp_save({"a": torch.arange(4), "b": torch.ones(3)}, MemoryWriter("memory://c", fs, single_file_per_rank=False))
+    dcp_save({"a": torch.arange(4) * 3}, MemoryWriter("memory://c", fs))
+    md = pickle.loads(fs.files["memory://c/.metadata"])
+    (name,) = {i.relative_path for i in md.storage_data.values()}
+    # Only the files the committed metadata names are left.
+    assert sorted(fs.files) == sorted(["memory://c/.metadata", f"memory://c/{name}"])
+    target = {"a": torch.zeros(4, dtype=torch.int64)}
+    dcp_load(target, MemoryReader("memory://c", fs))
+    assert torch.equal(target["a"], torch.arange(4) * 3)
+    with pytest.raises(BaseException) as info:  # CheckpointException derives from BaseException
+        dcp_save({"a": torch.arange(4)}, MemoryWriter("memory://c", fs, overwrite=False))
+    assert "Checkpoint already exists" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recording_fs_sees_all_io(tmp_path, mode):
+    fs = RecordingFS()
+    ckpt = tmp_path / "ckpt"
+    writer = FileSystemWriter(ckpt, thread_count=2, **_writer_options(mode))
+    writer.fs = fs
+    state = _state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _raw_save(state, writer)
+    assert not [w for w in caught if "file descriptor" in str(w.message)]  # real files have one
+
+    on_disk = sorted(os.listdir(ckpt))
+    assert on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    written = sorted(c[1] for c in fs.calls if c[0] == "create_stream")
+    assert written == [".metadata.tmp", "__0_0.distcp", "__0_1.distcp"]
+    assert all(c[2] == "wb" for c in fs.calls if c[0] == "create_stream")
+    assert ("rename", ".metadata.tmp", ".metadata") in fs.calls
+    assert ("mkdir", str(ckpt)) in fs.calls
+
+    fs.calls.clear()
+    reader = FileSystemReader(ckpt)
+    reader.fs = fs
+    target = zeros_like_state(state)
+    dcp_load(target, reader)
+    assert_state_equal(_contiguous(state), _contiguous(target))
+    assert sorted(c[1:] for c in fs.calls) == [(".metadata", "rb"), ("__0_0.distcp", "rb"), ("__0_1.distcp", "rb")]
+
+
+def test_stream_without_fileno_warns_under_sync_files():
+    fs = MemoryFS()
+    with pytest.warns(UserWarning, match="no file descriptor") as record:
+        _raw_save({"x": torch.arange(5)}, MemoryWriter("memory://w", fs, sync_files=True))
+    messages = [str(w.message) for w in record if "no file descriptor" in str(w.message)]
+    assert len(messages) == 2, messages  # the data file and the metadata file
+    assert all("BytesIO" in m for m in messages)
+    target = {"x": torch.zeros(5, dtype=torch.int64)}
+    dcp_load(target, MemoryReader("memory://w", fs))
+    assert torch.equal(target["x"], torch.arange(5))
+
+
+def test_stream_without_fileno_no_warning_without_sync_files():
+    fs = MemoryFS()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _raw_save({"x": torch.arange(5)}, MemoryWriter("memory://w", fs, sync_files=False))
+    assert not [w for w in caught if "file descriptor" in str(w.message)]
+    assert sorted(fs.files) == ["memory://w/.metadata", "memory://w/__0_0.distcp"]
+
+
+class _AppendOnly:
+    """A bare write stream (object store upload): write, tell, flush, close; no fileno, no seek."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.closed = False
+
+    def write(self, b):
+        n = len(memoryview(b).cast("B"))
+        self.sink += bytes(memoryview(b).cast("B"))
+        return n
+
+    def tell(self):
+        return len(self.sink)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class _AppendOnlyFS(MemoryFS):
+    @contextmanager
+    def create_stream(self, path, mode):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        self.calls.append(("create_stream", str(path), mode))
+        sink = bytearray()
+        stream = _AppendOnly(sink)
+        yield stream
+        self.files[str(path)] = bytes(sink)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bare_write_stream_without_fileno(mode):
+    fs = _AppendOnlyFS()
+    state = _state()
+    with pytest.warns(UserWarning, match="no file descriptor"):
+        _raw_save(state, MemoryWriter("memory://bare", fs, **_writer_options(mode)))
+    target = zeros_like_state(state)
+    dcp_load(target, MemoryReader("memory://bare", fs))
+    assert_state_equal(_contiguous(state), _contiguous(target))

@@ -1,0 +1,335 @@
+"""Two-process gloo save/load with DTensors, and rank-local metadata (no collectives)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from helpers import REPO, assert_state_equal
+
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+
+FORMATS = ["torch_save", "safetensors"]
+WORLD = 2
+JOIN_TIMEOUT_S = 150
+WORKER_TIMEOUT_S = int(os.environ.get("DCP_TEST_WORKER_TIMEOUT_S", "120"))
+
+
+def _dtensor_api():
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            mod = __import__(name, fromlist=["distribute_tensor"])
+        except ImportError:
+            continue
+        if all(hasattr(mod, a) for a in ("distribute_tensor", "Shard", "Replicate", "DeviceMesh")):
+            return mod
+    return None
+
+
+HAS_DTENSOR = dist.is_available() and _dtensor_api() is not None
+HAS_USE_COLLECTIVES = hasattr(dcp, "save") and "use_collectives" in inspect.signature(dcp.save).parameters
+
+
+def full_tensor():
+    return torch.arange(48, dtype=torch.float32).reshape(8, 6) / 4 - 3
+
+
+def replicated_tensor():
+    return torch.arange(10, dtype=torch.int64) * 1_000_000_007
+
+
+_WORKER = r"""
+import inspect, os, sys, warnings
+REPO, OUT, INIT, RANK = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import faulthandler
+faulthandler.dump_traceback_later(int(sys.argv[5]), exit=True)  # a hang prints every stack, then exits
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+warnings.simplefilter("ignore")
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from helpers import dcp_load, dcp_save
+from test_distributed import _dtensor_api, full_tensor, replicated_tensor
+
+try:
+    torch.zeros(1, dtype=torch.uint8).numpy()
+except RuntimeError:
+    # torch 2.1's object collectives (gather_object, scatter_object_list) decode with
+    # tensor.numpy(), and this environment has no NumPy: decode the same bytes without it.
+    # Only torch's transport of pickled plans changes; nothing of dcp_filesystem does.
+    import io as _io
+    import torch.distributed.distributed_c10d as _c10d
+
+    def _tensor_to_object(tensor, tensor_size, *args, **kwargs):
+        buf = bytes(tensor.cpu().reshape(-1).tolist())[:tensor_size]
+        return _c10d._unpickler(_io.BytesIO(buf)).load()
+
+    _c10d._tensor_to_object = _tensor_to_object
+
+dist.init_process_group("gloo", init_method="file://" + INIT, rank=RANK, world_size=2)
+api = _dtensor_api()
+Shard, distribute_tensor = api.Shard, api.distribute_tensor
+init_device_mesh = getattr(api, "init_device_mesh", None)
+try:
+    from torch.distributed.device_mesh import init_device_mesh
+except ImportError:
+    pass
+mesh = init_device_mesh("cpu", (2,)) if init_device_mesh is not None else api.DeviceMesh("cpu", [0, 1])
+
+
+def source():
+    return {
+        "dt": distribute_tensor(full_tensor(), mesh, [Shard(0)]),
+        "repl": replicated_tensor(),
+        "epoch": 7,
+        "tag": "run-a",
+    }
+
+
+def describe(state):
+    dt = state["dt"]
+    is_dtensor = hasattr(dt, "to_local")
+    return {
+        "dt_local": (dt.to_local() if is_dtensor else dt).clone(),
+        "dt_placements": [repr(p) for p in dt.placements] if is_dtensor else None,
+        "repl": state["repl"].clone(),
+        "epoch": state["epoch"],
+        "tag": state["tag"],
+    }
+
+
+results = {}
+for fmt in ("torch_save", "safetensors"):
+    path = os.path.join(OUT, fmt)
+    src = source()
+    dcp_save(src, FileSystemWriter(path, serialization_format=SerializationFormat(fmt)))
+    dist.barrier()
+    results[fmt + "/files"] = sorted(os.listdir(path))
+    results[fmt + "/source_local"] = src["dt"].to_local().clone()
+
+    # (a) a DTensor sharded along the other dimension
+    target = {"dt": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(1)]),
+              "repl": torch.zeros(10, dtype=torch.int64), "epoch": None, "tag": None}
+    dcp_load(target, FileSystemReader(path))
+    results[fmt + "/shard1"] = describe(target)
+
+    # (b) plain full tensors on every rank
+    target = {"dt": torch.zeros(8, 6), "repl": torch.zeros(10, dtype=torch.int64), "epoch": None, "tag": None}
+    dcp_load(target, FileSystemReader(path))
+    results[fmt + "/plain"] = describe(target)
+    dist.barrier()
+
+if hasattr(dcp, "save") and "use_collectives" in inspect.signature(dcp.save).parameters:
+    path = os.path.join(OUT, "rank_local")
+    dcp.save(source(), storage_writer=FileSystemWriter(path), use_collectives=False)
+    dist.barrier()
+    results["rank_local/files"] = sorted(os.listdir(path))
+    target = {"dt": distribute_tensor(torch.zeros(8, 6), mesh, [Shard(0)]),
+              "repl": torch.zeros(10, dtype=torch.int64), "epoch": None, "tag": None}
+    dcp.load(target, storage_reader=FileSystemReader(path))  # falls back to __{rank}.metadata
+    results["rank_local/load"] = describe(target)
+    dist.barrier()
+
+torch.save(results, os.path.join(OUT, "rank%d.pt" % RANK))
+dist.barrier()
+# Not destroy_process_group(): on torch 2.1 it can hang in gloo once the peer has exited.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not HAS_DTENSOR:
+        pytest.skip("this torch has no torch.distributed DTensor API (distribute_tensor, Shard, DeviceMesh)")
+    if not dist.is_gloo_available():
+        pytest.skip("this torch was built without gloo")
+    out = tmp_path_factory.mktemp("dist")
+    init = out / "init_store"
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    procs = []
+    logs = []
+    for rank in range(WORLD):
+        log = open(str(out / f"rank{rank}.log"), "w+")
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S)],
+                env=env, cwd=str(out), stdout=log, stderr=subprocess.STDOUT,
+            )
+        )  # fmt: skip
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    codes = [p.returncode for p in procs]
+    logs_text = "\n---\n".join(t[-6000:] for t in texts)
+    assert codes == [0, 0], f"workers failed {codes}:\n{logs_text}"
+    results = [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return out, results
+
+
+def _metadata(path, name=".metadata"):
+    with open(os.path.join(str(path), name), "rb") as f:
+        return pickle.load(f)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_files_on_disk(two_ranks, fmt):
+    out, results = two_ranks
+    expected = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(os.listdir(str(out / fmt))) == expected
+    for r in range(WORLD):
+        assert results[r][fmt + "/files"] == expected
+    md = _metadata(out / fmt)
+    assert sorted({info.relative_path for info in md.storage_data.values()}) == expected[1:]
+    # The Shard(0) DTensor was saved as two row chunks, one per rank, in that rank's file.
+    chunks = sorted((list(c.offsets), list(c.sizes)) for c in md.state_dict_metadata["dt"].chunks)
+    assert chunks == [([0, 0], [4, 6]), ([4, 0], [4, 6])]
+    assert list(md.state_dict_metadata["dt"].size) == [8, 6]
+    for idx, info in md.storage_data.items():
+        if idx.fqn == "dt":
+            assert info.relative_path == f"__{idx.offset[0] // 4}_0.distcp"
+    # Storage info is torch's own class, never this package's.
+    assert {type(i).__module__ for i in md.storage_data.values()} == {"torch.distributed.checkpoint.filesystem"}
+    if fmt == "safetensors":
+        safetensors = pytest.importorskip("safetensors")
+        for r in range(WORLD):
+            with safetensors.safe_open(str(out / fmt / f"__{r}_0.distcp"), framework="pt") as f:
+                assert torch.equal(f.get_tensor("dt"), full_tensor()[4 * r : 4 * r + 4])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_source_shards(two_ranks, fmt):
+    _, results = two_ranks
+    for r in range(WORLD):
+        assert_state_equal(full_tensor()[4 * r : 4 * r + 4], results[r][fmt + "/source_local"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_into_other_sharding(two_ranks, fmt):
+    _, results = two_ranks
+    for r in range(WORLD):
+        got = results[r][fmt + "/shard1"]
+        assert got["dt_placements"] == [repr(_dtensor_api().Shard(1))]
+        assert_state_equal(full_tensor()[:, 3 * r : 3 * r + 3].contiguous(), got["dt_local"])
+        assert_state_equal(replicated_tensor(), got["repl"])
+        assert got["epoch"] == 7 and got["tag"] == "run-a"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_into_plain_full_tensors(two_ranks, fmt):
+    _, results = two_ranks
+    for r in range(WORLD):
+        got = results[r][fmt + "/plain"]
+        assert got["dt_placements"] is None
+        assert_state_equal(full_tensor(), got["dt_local"])
+        assert_state_equal(replicated_tensor(), got["repl"])
+        assert got["epoch"] == 7 and got["tag"] == "run-a"
+
+
+def test_rank_local_metadata_through_dcp_save(two_ranks):
+    if not HAS_USE_COLLECTIVES:
+        pytest.skip("this torch's dcp.save has no use_collectives argument")
+    out, results = two_ranks
+    expected = ["__0.metadata", "__0_0.distcp", "__1.metadata", "__1_0.distcp"]
+    assert sorted(os.listdir(str(out / "rank_local"))) == expected
+    for r in range(WORLD):
+        md = _metadata(out / "rank_local", f"__{r}.metadata")
+        assert {info.relative_path for info in md.storage_data.values()} == {f"__{r}_0.distcp"}
+        got = results[r]["rank_local/load"]
+        assert_state_equal(full_tensor()[4 * r : 4 * r + 4], got["dt_local"])
+        assert_state_equal(replicated_tensor(), got["repl"])
+        assert got["epoch"] == 7 and got["tag"] == "run-a"
+
+
+# --------------------------------------------------------------------------- rank-local, driven by hand
+
+
+def _drive_save(writer, state, rank):
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    planner = DefaultSavePlanner()
+    if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
+        planner.set_up_planner(state, storage_meta=writer.storage_meta(), is_coordinator=True)
+    else:
+        planner.set_up_planner(state, True)
+    writer.set_up_storage_writer(True, rank=rank, use_collectives=False)
+    local = writer.prepare_local_plan(planner.create_local_plan())
+    assert local.storage_data.prefix == f"__{rank}_"
+    plans, metadata = planner.create_global_plan([local])
+    plans = writer.prepare_global_plan(plans)
+    assert plans[0].storage_data.prefix == f"__{rank}_"
+    final = planner.finish_plan(plans[0])
+    fut = writer.write_data(final, planner)
+    fut.wait()
+    writer.finish(metadata, [fut.value()])
+
+
+def _drive_load(reader, state, rank):
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    metadata = reader.read_metadata(rank=rank)
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(state, metadata, True)
+    reader.set_up_storage_reader(metadata, True, rank=rank, use_collectives=False)
+    local = reader.prepare_local_plan(planner.create_local_plan())
+    plans = reader.prepare_global_plan(planner.create_global_plan([local]))
+    reader.read_data(planner.finish_plan(plans[0]), planner).wait()
+    return metadata
+
+
+def _local_state(scale):
+    return {"w": full_tensor() * scale, "ids": replicated_tensor(), "epoch": scale}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rank_local_metadata_driven(tmp_path, fmt):
+    path = tmp_path / "ckpt"
+    writer = FileSystemWriter(path, serialization_format=SerializationFormat(fmt))
+    _drive_save(writer, _local_state(1), rank=3)
+    assert sorted(os.listdir(str(path))) == ["__3.metadata", "__3_0.distcp"]
+
+    reader = FileSystemReader(path)
+    with pytest.raises(FileNotFoundError):
+        reader.read_metadata()  # no global .metadata was written
+    target = {"w": torch.zeros(8, 6), "ids": torch.zeros(10, dtype=torch.int64), "epoch": None}
+    metadata = _drive_load(FileSystemReader(path), target, rank=3)
+    assert {info.relative_path for info in metadata.storage_data.values()} == {"__3_0.distcp"}
+    assert_state_equal(_local_state(1), target)
+
+    # A second save of rank 3 in place: new name, old file of rank 3 removed, other ranks' files kept.
+    (path / "__1_0.distcp").write_bytes(b"rank 1 data")
+    writer2 = FileSystemWriter(path, serialization_format=SerializationFormat(fmt))
+    _drive_save(writer2, _local_state(2), rank=3)
+    new_name = f"__3_0.{writer2.save_id[:8]}.distcp"
+    assert sorted(os.listdir(str(path))) == sorted(["__1_0.distcp", "__3.metadata", new_name])
+    assert (path / "__1_0.distcp").read_bytes() == b"rank 1 data"
+    target = {"w": torch.zeros(8, 6), "ids": torch.zeros(10, dtype=torch.int64), "epoch": None}
+    metadata = _drive_load(FileSystemReader(path), target, rank=3)
+    assert {info.relative_path for info in metadata.storage_data.values()} == {new_name}
+    assert_state_equal(_local_state(2), target)
