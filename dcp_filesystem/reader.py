@@ -24,6 +24,7 @@ from ._format import (
     metadata_file_name,
     transform_descriptors_of,
 )
+from ._safe_pickle import load_metadata
 from ._torch_save import ZIP_MAGIC, load_tensor
 from .fs import FileSystem, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
@@ -291,7 +292,7 @@ class FileSystemReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as metadata_file:
-            metadata = pickle.load(metadata_file)
+            metadata = load_metadata(metadata_file, str(path))
         if _compat.StorageMeta is not None:
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = _compat.StorageMeta()
