@@ -13,7 +13,17 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(bytearray())
     if not tensor.is_contiguous() or tensor.device.type != "cpu":
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+    return _view(tensor.data_ptr(), nbytes)
+
+
+def storage_bytes(storage: torch.UntypedStorage) -> memoryview:
+    """A view of all of a CPU storage's bytes; the caller keeps the storage alive."""
+    nbytes = storage.nbytes()
+    return _view(storage.data_ptr(), nbytes) if nbytes else memoryview(b"")
+
+
+def _view(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
 
 
 def tensor_from_bytes(buffer: bytearray, dtype: torch.dtype, shape: tuple) -> torch.Tensor:

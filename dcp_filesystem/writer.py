@@ -39,6 +39,7 @@ from ._format import (
     safetensors_dtype_name,
     storage_info_for_disk,
 )
+from ._torch_save import save_tensor
 from .fs import FileSystem, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
@@ -98,7 +99,7 @@ def _write_item(
         if not isinstance(data, torch.Tensor) or data.device.type != "cpu":
             raise AssertionError("Data must be a CPU torch.Tensor for tensor write items")
         if serialization_format == SerializationFormat.TORCH_SAVE:
-            torch.save(data, transform_to)
+            save_tensor(data, transform_to)
         else:
             contiguous = data.contiguous()
             transform_to.write(tensor_bytes(contiguous))
