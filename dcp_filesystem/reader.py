@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Dict, List, Optional, Tuple
 
@@ -28,6 +30,8 @@ from ._safe_pickle import load_metadata
 from ._torch_save import ZIP_MAGIC, load_tensor
 from .fs import FileSystem, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
+
+logger = logging.getLogger("dcp_filesystem")
 
 
 def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
@@ -163,6 +167,7 @@ class FileSystemReader(StorageReader):
         self.load_id = _generate_uuid()
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        start = time.perf_counter()
         per_file: Dict[str, List[Tuple[ReadItem, Any]]] = {}
         for req in plan.items:
             info = self.storage_data[req.storage_index]
@@ -187,6 +192,13 @@ class FileSystemReader(StorageReader):
             with ThreadPoolExecutor(min(self.thread_count, len(per_file)), "dcp_filesystem-reader") as pool:
                 for done in [pool.submit(read_file, relative_path) for relative_path in per_file]:
                     done.result()
+        if logger.isEnabledFor(logging.DEBUG):
+            seconds = time.perf_counter() - start
+            nbytes = sum(info.length for reqs in per_file.values() for _, info in reqs)
+            logger.debug(
+                "read %d items, %d stored bytes from %d files in %s in %.3f s (%.3f GB/s)",
+                len(plan.items), nbytes, len(per_file), self.path, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+            )
         fut: Future = Future()
         fut.set_result(None)
         return fut

@@ -4,11 +4,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import pickle
 import queue
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -44,6 +46,7 @@ from .fs import FileSystem, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
 
+logger = logging.getLogger("dcp_filesystem")
 _DATA_FILE = re.compile(r"__(\d+)_\d+(\.[0-9a-f]{8})?" + re.escape(DEFAULT_SUFFIX))
 
 
@@ -364,6 +367,7 @@ class _FileSystemWriter(StorageWriter):
     def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[List[WriteResult]]:
         result_queue: queue.Queue = queue.Queue()
         errors: List[BaseException] = []
+        files, start = file_queue.qsize(), time.perf_counter()
 
         def work() -> None:
             try:
@@ -394,6 +398,13 @@ class _FileSystemWriter(StorageWriter):
         results: List[WriteResult] = []
         while not result_queue.empty():
             results += result_queue.get_nowait()
+        if logger.isEnabledFor(logging.DEBUG):
+            seconds = time.perf_counter() - start
+            nbytes = sum(r.size_in_bytes for r in results)
+            logger.debug(
+                "wrote %d items, %d bytes in %d files to %s in %.3f s (%.3f GB/s)",
+                len(results), nbytes, files, self.path, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+            )
         fut: Future[List[WriteResult]] = Future()
         fut.set_result(results)
         return fut
