@@ -20,7 +20,7 @@ import sys
 import threading
 import zipfile
 import zlib
-from typing import IO, Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -82,16 +82,25 @@ class _TensorUnpickler(pickle.Unpickler):
         return _StorageRef(pid[1], str(pid[2]), int(pid[4]))
 
 
-def _members(payload: bytearray) -> Dict[str, Tuple[int, int]]:
-    """Zip member name -> (data offset, size), each checked against its CRC-32.
+class _Member(NamedTuple):
+    start: int
+    size: int
+    crc: int
+
+
+_Read = Callable[[int, int], memoryview]
+
+
+def _directory(read: _Read, archive_size: int) -> Dict[str, _Member]:
+    """Zip member name -> where its data lies; ``read(offset, length)`` serves the archive's bytes.
 
     torch.save writes plain stored zips; anything else in an archive that starts
     with the zip signature is damage, except zip64 (members over 4 GiB).
     """
-    end = len(payload) - _END_OF_CENTRAL_DIR.size
+    end = archive_size - _END_OF_CENTRAL_DIR.size
     if end < 0:
-        raise ValueError(f"torch.save archive is truncated ({len(payload)} bytes)")
-    signature, _, _, _, count, _, directory, comment = _END_OF_CENTRAL_DIR.unpack_from(payload, end)
+        raise ValueError(f"torch.save archive is truncated ({archive_size} bytes)")
+    signature, _, _, _, count, _, directory, comment = _END_OF_CENTRAL_DIR.unpack(read(end, _END_OF_CENTRAL_DIR.size))
     if count == 0xFFFF or directory == 0xFFFFFFFF:
         raise _Unsupported("zip64 archive")
     if signature != 0x06054B50 or comment != 0:
@@ -101,58 +110,130 @@ def _members(payload: bytearray) -> Dict[str, Tuple[int, int]]:
     for _ in range(count):
         if position + _CENTRAL_DIR_ENTRY.size > end:
             raise ValueError("torch.save archive's central directory runs past its end")
-        fields = _CENTRAL_DIR_ENTRY.unpack_from(payload, position)
+        fields = _CENTRAL_DIR_ENTRY.unpack(read(position, _CENTRAL_DIR_ENTRY.size))
         crc, size, local = fields[7], fields[8], fields[16]
         name_len, extra_len, comment_len = fields[10], fields[11], fields[12]
         if size == 0xFFFFFFFF:
             raise _Unsupported("zip64 member")
         if fields[0] != 0x02014B50 or fields[4] != 0 or local + _LOCAL_HEADER.size > end:
             raise ValueError("torch.save archive has a damaged central directory entry")
-        name = bytes(payload[position + 46 : position + 46 + name_len]).decode("utf-8", "replace")
+        name = bytes(read(position + 46, name_len)).decode("utf-8", "replace")
         position += 46 + name_len + extra_len + comment_len
-        header = _LOCAL_HEADER.unpack_from(payload, local)
+        header = _LOCAL_HEADER.unpack(read(local, _LOCAL_HEADER.size))
         start = local + _LOCAL_HEADER.size + header[9] + header[10]
         if header[0] != 0x04034B50 or start + size > end:
             raise ValueError(f"torch.save archive member {name!r} has a damaged header")
-        # A CRC of 0 means torch.save was told not to compute one (set_crc32_options).
-        if crc and zlib.crc32(memoryview(payload)[start : start + size]) != crc:
-            raise ValueError(f"archive member {name!r} fails its CRC-32 check (damaged data)")
-        members[name] = (start, size)
+        members[name] = _Member(start, size, crc)
     return members
 
 
-def _decode(payload: bytearray, members: Dict[str, Tuple[int, int]]) -> torch.Tensor:
+def _check_crcs(read: _Read, members: Dict[str, _Member], skip: str = "") -> None:
+    for name, member in members.items():
+        # A CRC of 0 means torch.save was told not to compute one (set_crc32_options).
+        if name != skip and member.crc and zlib.crc32(read(member.start, member.size)) != member.crc:
+            raise ValueError(crc_error(name))
+
+
+def crc_error(name: str) -> str:
+    return f"archive member {name!r} fails its CRC-32 check (damaged data)"
+
+
+def _reader(buffer: bytearray) -> _Read:
+    view = memoryview(buffer)
+    return lambda offset, length: view[offset : offset + length]
+
+
+def _members(payload: bytearray) -> Dict[str, Tuple[int, int]]:
+    """Zip member name -> (data offset, size), each checked against its CRC-32."""
+    read = _reader(payload)
+    members = _directory(read, len(payload))
+    _check_crcs(read, members)
+    return {name: (member.start, member.size) for name, member in members.items()}
+
+
+def _tensor_spec(read: _Read, members: Dict[str, _Member]) -> Tuple[_TensorSpec, str]:
+    """The pickled tensor and the name of its storage member."""
     pickles = [name for name in members if name.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise _Unsupported("not a single-pickle archive")
     prefix = pickles[0][: -len("data.pkl")]
-    start, size = members.get(prefix + "byteorder", (0, 0))
-    byteorder = bytes(payload[start : start + size]).decode() if size else "little"
-    if byteorder != sys.byteorder:
-        raise _Unsupported(f"{byteorder}-endian archive")
-    start, size = members[pickles[0]]
-    spec = _TensorUnpickler(io.BytesIO(payload[start : start + size])).load()
+    byteorder = members.get(prefix + "byteorder")
+    if byteorder is not None and bytes(read(byteorder.start, byteorder.size)).decode() != sys.byteorder:
+        raise _Unsupported("archive of the other byte order")
+    pickled = members[pickles[0]]
+    spec = _TensorUnpickler(io.BytesIO(read(pickled.start, pickled.size))).load()
     if not isinstance(spec, _TensorSpec):
         raise _Unsupported("archive holds no tensor")
     storage = spec.storage
-    start, size = members.get(f"{prefix}data/{storage.key}", (0, -1))
+    name = f"{prefix}data/{storage.key}"
+    size = members[name].size if name in members else -1
     if size != storage.numel * torch.empty((), dtype=storage.dtype).element_size():
         raise ValueError(f"storage record {storage.key!r} has {size} bytes, expected {storage.numel} elements")
-    if storage.numel == 0:
-        base = torch.empty(0, dtype=storage.dtype)
-    else:
-        base = torch.frombuffer(payload, dtype=storage.dtype, count=storage.numel, offset=start)
-    return base.as_strided(spec.size, spec.stride, spec.storage_offset)
+    return spec, name
 
 
 def load_tensor(payload: bytearray) -> torch.Tensor:
     """The tensor in a torch.save archive; it may share memory with ``payload``."""
+    read = _reader(payload)
     try:
         if payload[:4] != ZIP_MAGIC:
             raise _Unsupported("not a zip archive (legacy torch.save format)")
-        return _decode(payload, _members(payload))
+        members = _directory(read, len(payload))
+        _check_crcs(read, members)
+        spec, name = _tensor_spec(read, members)
     except _Unsupported:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    storage = spec.storage
+    if storage.numel == 0:
+        base = torch.empty(0, dtype=storage.dtype)
+    else:
+        base = torch.frombuffer(payload, dtype=storage.dtype, count=storage.numel, offset=members[name].start)
+    return base.as_strided(spec.size, spec.stride, spec.storage_offset)
+
+
+class PlainTensor(NamedTuple):
+    """A contiguous tensor stored as one run of bytes, readable straight into a destination."""
+
+    dtype: torch.dtype
+    size: Tuple[int, ...]
+    start: int
+    nbytes: int
+    crc: int  # 0: none to check
+    member: str  # its name in the archive
+
+
+def plain_storage(head: memoryview, tail: memoryview, archive_size: int) -> Optional[PlainTensor]:
+    """Where a contiguous tensor's bytes lie in an archive, from the archive's first and last bytes alone.
+
+    Every other member is CRC-checked here; the caller checks the storage's CRC
+    once it has read it. None when the head and tail do not hold the rest of the
+    archive, or the tensor is not a contiguous run from the start of its storage.
+    """
+    tail_start = archive_size - len(tail)
+
+    def read(offset: int, length: int) -> memoryview:
+        if offset + length <= len(head):
+            return head[offset : offset + length]
+        if offset >= tail_start:
+            return tail[offset - tail_start : offset - tail_start + length]
+        raise _Unsupported("member outside the head and tail")
+
+    try:
+        if head[:4] != ZIP_MAGIC:
+            return None
+        members = _directory(read, archive_size)
+        spec, name = _tensor_spec(read, members)
+        _check_crcs(read, members, skip=name)
+    except _Unsupported:
+        return None
+    numel, strides = 1, []
+    for dim in reversed(spec.size):
+        strides.insert(0, numel)
+        numel *= dim
+    if spec.storage_offset != 0 or numel != spec.storage.numel or tuple(spec.stride) != tuple(strides):
+        return None
+    member = members[name]
+    return PlainTensor(spec.storage.dtype, tuple(spec.size), member.start, member.size, member.crc, name)
 
 
 class _Layout(NamedTuple):

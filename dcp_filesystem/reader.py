@@ -18,6 +18,7 @@ from torch.futures import Future
 
 from . import _compat
 from ._bytes import tensor_bytes, tensor_from_bytes
+from ._crc import crc32
 from ._format import (
     SafetensorsEntry,
     SafetensorsHeader,
@@ -27,11 +28,14 @@ from ._format import (
     transform_descriptors_of,
 )
 from ._safe_pickle import load_metadata
-from ._torch_save import ZIP_MAGIC, load_tensor
+from ._torch_save import ZIP_MAGIC, PlainTensor, crc_error, load_tensor, plain_storage
 from .fs import FileSystem, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
 logger = logging.getLogger("dcp_filesystem")
+# torch.save archives this large are read straight into their destination: first their edges, then the storage.
+_IN_PLACE_ARCHIVE_BYTES = 1 << 20
+_ARCHIVE_EDGE_BYTES = 16 << 10
 
 
 def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
@@ -227,7 +231,7 @@ class FileSystemReader(StorageReader):
             item += f" (chunk at {list(req.storage_index.offset)})"
         descriptors = transform_descriptors_of(info)
         raw_tensor = req.type != LoadItemType.BYTE_IO and not descriptors
-        if raw_tensor and self._read_raw_in_place(data_file, req, info, item, planner):
+        if raw_tensor and self._read_in_place(data_file, req, info, item, planner):
             return
         payload = data_file.read_exact(info.offset, info.length, item)
         try:
@@ -250,30 +254,46 @@ class FileSystemReader(StorageReader):
         target.copy_(tensor)
         planner.commit_tensor(req, target)
 
-    def _read_raw_in_place(
-        self, data_file: _DataFile, req: ReadItem, info: Any, item: str, planner: _Planner
-    ) -> bool:
-        """Read a whole safetensors chunk straight into its destination; False where that cannot be done."""
+    def _plain_tensor(self, data_file: _DataFile, req: ReadItem, info: Any, item: str) -> Optional[PlainTensor]:
+        """Where the item lies as a plain run of bytes: a whole safetensors entry, or a large torch.save storage."""
         header = data_file.safetensors_header(0)
-        if header is None or info.offset < header.data_start:
-            return False
-        entry = _find_entry(header, req, info.offset, info.offset + info.length)
-        if entry is None or any(req.storage_offsets) or tuple(req.lengths) != entry.shape:
+        if header is not None and info.offset >= header.data_start:
+            entry = _find_entry(header, req, info.offset, info.offset + info.length)
+            return None if entry is None else PlainTensor(entry.dtype, entry.shape, info.offset, info.length, 0, "")
+        if info.length < _IN_PLACE_ARCHIVE_BYTES:
+            return None
+        data_file.check_range(info.offset, info.length, item)
+        head = data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, item)
+        tail_offset = info.offset + info.length - _ARCHIVE_EDGE_BYTES
+        tail = data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, item)
+        try:
+            plain = plain_storage(memoryview(head), memoryview(tail), info.length)
+        except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{data_file.name}: cannot read item {item}: {e}") from e
+        return None if plain is None else plain._replace(start=info.offset + plain.start)
+
+    def _read_in_place(self, data_file: _DataFile, req: ReadItem, info: Any, item: str, planner: _Planner) -> bool:
+        """Read a whole stored tensor straight into its destination; False where that cannot be done."""
+        plain = self._plain_tensor(data_file, req, info, item)
+        if plain is None or any(req.storage_offsets) or tuple(req.lengths) != plain.size:
             return False
         target = planner.resolve_tensor(req).detach()
-        if target.dtype != entry.dtype or target.device.type != "cpu" or not target.is_contiguous():
+        if target.dtype != plain.dtype or target.device.type != "cpu" or not target.is_contiguous():
             return False
-        if tuple(target.size()) != entry.shape:
+        if tuple(target.size()) != plain.size:
             raise ValueError(
-                f"{data_file.name}: item {item} has size {list(entry.shape)} "
+                f"{data_file.name}: item {item} has size {list(plain.size)} "
                 f"but the load plan expects {list(target.size())}"
             )
-        data_file.check_range(info.offset, info.length, item)
-        got = data_file.readinto_at(info.offset, tensor_bytes(target))
-        if got != info.length:
+        data_file.check_range(plain.start, plain.nbytes, item)
+        view = tensor_bytes(target)
+        got = data_file.readinto_at(plain.start, view)
+        if got != plain.nbytes:
             raise ValueError(
-                f"{data_file.name}: item {item}: read {got} of {info.length} bytes at offset {info.offset}"
+                f"{data_file.name}: item {item}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
             )
+        if plain.crc and crc32(view) != plain.crc:
+            raise ValueError(f"{data_file.name}: cannot read item {item}: {crc_error(plain.member)}")
         planner.commit_tensor(req, target)
         return True
 

@@ -1,0 +1,138 @@
+"""Large torch.save items are read straight into their destination, CRC-checked; everything else falls back."""
+import os
+import zlib
+
+import pytest
+import torch
+from helpers import assert_state_equal, dcp_load, dcp_save
+
+from dcp_filesystem import FileSystemReader, FileSystemWriter, _crc, reader
+from dcp_filesystem._torch_save import _members
+
+BIG = (512, 1024)  # 2 MiB of float32: above the in-place threshold
+
+
+def big_state():
+    gen = torch.Generator().manual_seed(1)
+    return {"big": torch.randn(*BIG, generator=gen), "small": torch.arange(10), "step": 3}
+
+
+def destination():
+    return {"big": torch.zeros(*BIG), "small": torch.zeros(10, dtype=torch.int64), "step": 0}
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The fqns whose payload went through the whole-archive decoder."""
+    seen = []
+    real = reader.FileSystemReader._decode_tensor
+
+    def spy(self, data_file, req, *args):
+        seen.append(req.storage_index.fqn)
+        return real(self, data_file, req, *args)
+
+    monkeypatch.setattr(reader.FileSystemReader, "_decode_tensor", spy)
+    return seen
+
+
+def test_big_item_is_read_in_place_bit_exact(tmp_path, decoded):
+    state = big_state()
+    dcp_save(state, FileSystemWriter(tmp_path))
+    out = destination()
+    target = out["big"]
+    dcp_load(out, FileSystemReader(tmp_path))
+    assert out["big"] is target
+    assert_state_equal(state, out)
+    assert decoded == ["small"]
+
+
+def test_stock_torch_archive_is_read_in_place_too(tmp_path, decoded):
+    from torch.distributed.checkpoint import FileSystemWriter as StockWriter
+
+    state = big_state()
+    dcp_save(state, StockWriter(tmp_path))
+    out = destination()
+    dcp_load(out, FileSystemReader(tmp_path))
+    assert_state_equal(state, out)
+    assert decoded == ["small"]
+
+
+def _big_storage_range(path):
+    md = FileSystemReader(path).read_metadata()
+    (info,) = [v for k, v in md.storage_data.items() if k.fqn == "big"]
+    data_file = path / info.relative_path
+    raw = bytearray(data_file.read_bytes())
+    members = _members(raw[info.offset : info.offset + info.length])
+    ((start, size),) = [v for k, v in members.items() if k.endswith("/data/0")]
+    return data_file, raw, info, info.offset + start, size
+
+
+def _load_error(path):
+    with pytest.raises(BaseException) as caught:
+        dcp_load(destination(), FileSystemReader(path))
+    return str(caught.value)
+
+
+def test_flipped_storage_byte_fails_the_crc(tmp_path):
+    dcp_save(big_state(), FileSystemWriter(tmp_path))
+    data_file, raw, _, start, size = _big_storage_range(tmp_path)
+    raw[start + size - 7] ^= 0x10
+    data_file.write_bytes(bytes(raw))
+    message = _load_error(tmp_path)
+    item = f"{data_file}: cannot read item 'big' (chunk at [0, 0])"
+    assert f"{item}: archive member 'archive/data/0' fails its CRC-32 check (damaged data)" in message
+
+
+def test_damaged_central_directory_is_a_clear_error(tmp_path):
+    dcp_save(big_state(), FileSystemWriter(tmp_path))
+    data_file, raw, info, _, _ = _big_storage_range(tmp_path)
+    end = info.offset + info.length
+    raw[end - 22 : end - 18] = b"XXXX"  # the end-of-central-directory signature
+    data_file.write_bytes(bytes(raw))
+    message = _load_error(tmp_path)
+    assert f"{data_file}: cannot read item 'big' (chunk at [0, 0]): torch.save archive has no valid end-of-central" in (
+        message
+    )
+
+
+def test_truncated_file_names_the_item(tmp_path):
+    dcp_save({"big": big_state()["big"]}, FileSystemWriter(tmp_path))
+    data_file, raw, info, _, _ = _big_storage_range(tmp_path)
+    data_file.write_bytes(bytes(raw[: info.offset + info.length - 100]))
+    with pytest.raises(BaseException) as caught:
+        dcp_load({"big": torch.zeros(*BIG)}, FileSystemReader(tmp_path))
+    assert f"{data_file}: item 'big' (chunk at [0, 0]) needs bytes [{info.offset}, {info.offset + info.length})" in (
+        str(caught.value)
+    )
+
+
+@pytest.mark.parametrize(
+    "saved,target",
+    [
+        (lambda t: t.t(), lambda t: torch.zeros(BIG[1], BIG[0])),  # stored non-contiguous
+        (lambda t: t, lambda t: torch.zeros(BIG[1], BIG[0]).t()),  # destination non-contiguous
+        (lambda t: t, lambda t: torch.zeros(*BIG, dtype=torch.float64)),  # destination of another dtype
+    ],
+    ids=["stored-transposed", "target-transposed", "target-float64"],
+)
+def test_what_cannot_go_in_place_is_decoded(tmp_path, decoded, saved, target):
+    tensor = saved(big_state()["big"])
+    dcp_save({"big": tensor}, FileSystemWriter(tmp_path))
+    out = {"big": target(tensor)}
+    dcp_load(out, FileSystemReader(tmp_path))
+    assert torch.equal(out["big"], tensor.to(out["big"].dtype))
+    assert decoded == ["big"]
+
+
+def test_parallel_crc_equals_zlib(monkeypatch):
+    monkeypatch.setattr(_crc, "_PART_BYTES", 1000)
+    monkeypatch.setattr(_crc.os, "cpu_count", lambda: 3)
+    for size in (0, 999, 2000, 2001, 7777, 30011):
+        data = memoryview(os.urandom(size))
+        assert _crc.crc32(data) == zlib.crc32(data), size
+
+
+def test_crc32_combine_equals_zlib_of_the_concatenation():
+    for first, second in ((0, 5), (5, 0), (1, 1), (100, 3), (1 << 20, 12345)):
+        a, b = os.urandom(first), os.urandom(second)
+        assert _crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), second) == zlib.crc32(a + b)
