@@ -1,0 +1,225 @@
+"""``python -m dcp_filesystem``: inspect or verify a checkpoint, or run the benchmark of a source checkout."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+
+from ._format import transform_descriptors_of
+from ._torch_save import ZIP_MAGIC, _members, _Unsupported
+from .reader import FileSystemReader
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _numel(sizes: Sequence[int]) -> int:
+    numel = 1
+    for s in sizes:
+        numel *= s
+    return numel
+
+
+def _entries(metadata: Metadata) -> List[Dict[str, Any]]:
+    """One row per fqn: kind, dtype, shape, chunks and bytes (tensor bytes, or stored length of byte items)."""
+    stored: Dict[str, List[int]] = {}
+    for index, info in metadata.storage_data.items():
+        stored.setdefault(index.fqn, []).append(info.length)
+    rows = []
+    for fqn, item in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(item, TensorStorageMetadata):
+            dtype = item.properties.dtype
+            element_size = torch.empty((), dtype=dtype).element_size()
+            row = {
+                "kind": "tensor",
+                "dtype": str(dtype).replace("torch.", ""),
+                "shape": list(item.size),
+                "chunks": len(item.chunks),
+                "bytes": sum(_numel(c.sizes) for c in item.chunks) * element_size,
+            }
+        else:
+            lengths = stored.get(fqn, [])
+            row = {"kind": "bytes", "dtype": None, "shape": None, "chunks": len(lengths), "bytes": sum(lengths)}
+        rows.append({"fqn": fqn, **row})
+    return rows
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """8-byte little-endian header length, then the JSON header's opening brace."""
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _file_format(path: str, items: List[Any]) -> Optional[str]:
+    """``items``: (is_tensor, storage info) of one data file. Tensor items decide before byte items."""
+    with open(path, "rb") as f:
+        if _looks_like_safetensors(f.read(9)):
+            return "safetensors"  # this package's SAFETENSORS files start with their header
+        for is_tensor, info in sorted(items, key=lambda item: not item[0]):
+            if transform_descriptors_of(info):
+                return "torch_save"  # only torch.save payloads are transformed
+            f.seek(info.offset)
+            head = f.read(9)
+            if head[:4] == ZIP_MAGIC:
+                return "torch_save"
+            if is_tensor and _looks_like_safetensors(head):
+                return "safetensors"  # stock torch records where its safetensors header starts
+    return None
+
+
+def describe(path: str, metadata: Metadata) -> Dict[str, Any]:
+    """What ``inspect`` reports about the checkpoint in ``path``."""
+    entries = _entries(metadata)
+    per_file: Dict[str, List[Any]] = {}
+    transforms = set()
+    for index, info in metadata.storage_data.items():
+        per_file.setdefault(info.relative_path, []).append((index.offset is not None, info))
+        transforms.update(transform_descriptors_of(info))
+    files: Dict[str, Optional[int]] = {}
+    formats = set()
+    for name, items in sorted(per_file.items()):
+        file_path = os.path.join(path, name)
+        files[name] = os.path.getsize(file_path) if os.path.isfile(file_path) else None
+        found = _file_format(file_path, items) if files[name] is not None else None
+        if found is not None:
+            formats.add(found)
+    return {
+        "path": path,
+        "format": "+".join(sorted(formats)) or "unknown",
+        "transforms": sorted(transforms),
+        "version": getattr(metadata, "version", None),
+        "files": files,
+        "entries": entries,
+        "total_bytes": sum(e["bytes"] for e in entries),
+    }
+
+
+def _table(rows: List[List[str]], right: Sequence[int]) -> List[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        .rstrip()
+        for row in rows
+    ]
+
+
+def _print_description(info: Dict[str, Any]) -> None:
+    rows = [["FQN", "KIND", "DTYPE", "SHAPE", "CHUNKS", "BYTES"]]
+    for e in info["entries"]:
+        shape = "-" if e["shape"] is None else str(e["shape"])
+        rows.append([e["fqn"], e["kind"], e["dtype"] or "-", shape, str(e["chunks"]), str(e["bytes"])])
+    lines = _table(rows, right=(4, 5))
+    lines.append("")
+    lines.append(f"format: {info['format']}")
+    lines.append(f"transforms: {', '.join(info['transforms']) or 'none'}")
+    lines.append(f"dcp version: {info['version'] or '-'}")
+    lines.append("files:")
+    files = [[name, "missing" if size is None else f"{size} bytes"] for name, size in info["files"].items()]
+    lines += ["  " + line for line in _table(files, right=(1,))]
+    lines.append(f"total: {len(info['entries'])} entries, {info['total_bytes']} bytes")
+    print("\n".join(lines))
+
+
+class _VerifyPlanner(DefaultLoadPlanner):
+    """Byte items are checked, never unpickled: an untrusted checkpoint's objects could run code."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        payload = bytearray(value.read())
+        if payload[:4] == ZIP_MAGIC:
+            try:
+                _members(payload)  # checks each archive member's CRC-32
+            except _Unsupported:
+                pass  # zip64: too large for the quick check, the bytes were read all the same
+
+
+def _verify_entry(reader: FileSystemReader, metadata: Metadata, fqn: str, item: Any) -> None:
+    value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
+    planner = _VerifyPlanner(flatten_state_dict=False)
+    planner.set_up_planner({fqn: value}, metadata, True)
+    reader.set_up_storage_reader(metadata, True)
+    local = reader.prepare_local_plan(planner.create_local_plan())
+    plans = reader.prepare_global_plan(planner.create_global_plan([local]))
+    reader.read_data(planner.finish_plan(plans[0]), planner).wait()
+
+
+def _read_metadata(path: str) -> Optional[Metadata]:
+    try:
+        return FileSystemReader(path).read_metadata()
+    except Exception as e:
+        print(f"error: cannot read the checkpoint metadata: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    metadata = _read_metadata(args.path)
+    if metadata is None:
+        return 2
+    info = describe(args.path, metadata)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_description(info)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    metadata = _read_metadata(args.path)
+    if metadata is None:
+        return 2
+    reader = FileSystemReader(args.path)
+    items = sorted(metadata.state_dict_metadata.items())
+    progress = sys.stderr.isatty()
+    errors: Dict[str, str] = {}
+    for n, (fqn, item) in enumerate(items, 1):
+        try:
+            _verify_entry(reader, metadata, fqn, item)
+        except Exception as e:  # one damaged item must not hide the others
+            errors[fqn] = f"{type(e).__name__}: {e}"
+        if progress:
+            print(f"\rverify: {n}/{len(items)}", end="\n" if n == len(items) else "", file=sys.stderr, flush=True)
+    total = sum(e["bytes"] for e in _entries(metadata))
+    if args.json:
+        print(json.dumps({"ok": not errors, "entries": len(items), "bytes": total, "errors": errors}, indent=2))
+    elif errors:
+        for fqn, error in errors.items():
+            print(f"{fqn}: {error}")
+        print(f"FAILED: {len(errors)} of {len(items)} entries could not be read")
+    else:
+        print(f"OK: {len(items)} entries, {total} bytes verified")
+    return 1 if errors else 0
+
+
+def _bench(extra: List[str]) -> int:
+    script = PACKAGE_DIR.parent / "benchmarks" / "bench.py"
+    if not script.is_file():
+        print(f"bench needs a source checkout: benchmarks/bench.py not found next to {PACKAGE_DIR}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcp_filesystem", description="DCP checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("inspect", "list a checkpoint's entries, files and format"),
+        ("verify", "read every item, list the ones that fail"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("path", help="checkpoint directory")
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+    # add_help=False: --help and every other argument go to benchmarks/bench.py.
+    commands.add_parser("bench", add_help=False, help="run benchmarks/bench.py of a source checkout")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _bench(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _inspect(args) if args.command == "inspect" else _verify(args)

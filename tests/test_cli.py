@@ -1,0 +1,335 @@
+"""``python -m dcp_filesystem``: inspect, verify and bench."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint.filesystem as torch_fs
+from helpers import REPO, dcp_save
+from torch.distributed.checkpoint.metadata import Metadata
+
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _cli
+from dcp_filesystem._torch_save import _members
+
+HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
+needs_safetensors = pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors is not installed")
+FORMATS = [
+    pytest.param(SerializationFormat.TORCH_SAVE, id="torch_save"),
+    pytest.param(SerializationFormat.SAFETENSORS, id="safetensors", marks=needs_safetensors),
+]
+DCP_VERSION = "1.0.0" if "version" in {f.name for f in dataclasses.fields(Metadata)} else "-"
+
+
+def make_state():
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "w": torch.randn(64, 32, generator=gen),
+        "b": torch.arange(16),
+        "h": torch.randn(3, 5, generator=gen).half(),
+        "s": torch.tensor(2.5),
+        "step": 5,
+    }
+
+
+def pickled_length(value):
+    """What DefaultSavePlanner stores for a non-tensor value: its torch.save archive."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return len(buffer.getvalue())
+
+
+def save(path, fmt, **kwargs):
+    dcp_save(make_state(), FileSystemWriter(path, serialization_format=fmt, **kwargs))
+    return path
+
+
+def data_file(path):
+    (name,) = [p for p in os.listdir(path) if p.endswith(".distcp")]
+    return name
+
+
+def storage_infos(path):
+    return {index.fqn: info for index, info in FileSystemReader(path).read_metadata().storage_data.items()}
+
+
+def run(capsys, *argv):
+    code = _cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_module_help_lists_the_three_subcommands():
+    env = {**os.environ, "COLUMNS": "100"}
+    argv = [sys.executable, "-m", "dcp_filesystem", "--help"]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m dcp_filesystem [-h] {inspect,verify,bench} ...")
+    for line in (
+        "    inspect             list a checkpoint's entries, files and format\n",
+        "    verify              read every item, list the ones that fail\n",
+        "    bench               run benchmarks/bench.py of a source checkout\n",
+    ):
+        assert line in proc.stdout
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inspect_text(tmp_path, capsys, fmt):
+    path = save(tmp_path / "c", fmt)
+    name = data_file(path)
+    size = os.path.getsize(path / name)
+    step = pickled_length(5)
+    total = 128 + 30 + 4 + step + 8192
+    code, out, err = run(capsys, "inspect", str(path))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "FQN   KIND    DTYPE    SHAPE     CHUNKS  BYTES",
+        "b     tensor  int64    [16]           1    128",
+        "h     tensor  float16  [3, 5]         1     30",
+        "s     tensor  float32  []             1      4",
+        f"step  bytes   -        -              1  {step:>5}",
+        "w     tensor  float32  [64, 32]       1   8192",
+        "",
+        f"format: {fmt.value}",
+        "transforms: none",
+        f"dcp version: {DCP_VERSION}",
+        "files:",
+        f"  {name}  {size} bytes",
+        f"total: 5 entries, {total} bytes",
+    ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inspect_json(tmp_path, capsys, fmt):
+    path = save(tmp_path / "c", fmt, single_file_per_rank=False)
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert (code, err) == (0, "")
+    step = pickled_length(5)
+    names = {fqn: info.relative_path for fqn, info in storage_infos(path).items()}
+    assert sorted(names) == ["b", "h", "s", "step", "w"] and len(set(names.values())) == 5
+    assert json.loads(out) == {
+        "path": str(path),
+        "format": fmt.value,
+        "transforms": [],
+        "version": None if DCP_VERSION == "-" else DCP_VERSION,
+        "files": {n: os.path.getsize(path / n) for n in sorted(names.values())},
+        "entries": [
+            {"fqn": "b", "kind": "tensor", "dtype": "int64", "shape": [16], "chunks": 1, "bytes": 128},
+            {"fqn": "h", "kind": "tensor", "dtype": "float16", "shape": [3, 5], "chunks": 1, "bytes": 30},
+            {"fqn": "s", "kind": "tensor", "dtype": "float32", "shape": [], "chunks": 1, "bytes": 4},
+            {"fqn": "step", "kind": "bytes", "dtype": None, "shape": None, "chunks": 1, "bytes": step},
+            {"fqn": "w", "kind": "tensor", "dtype": "float32", "shape": [64, 32], "chunks": 1, "bytes": 8192},
+        ],
+        "total_bytes": 128 + 30 + 4 + step + 8192,
+    }
+
+
+def _stock_torch_save_writer(path):
+    return torch_fs.FileSystemWriter(path, thread_count=1)
+
+
+def _stock_safetensors_writer(path):
+    safetensors = torch_fs.SerializationFormat.SAFETENSORS
+    return torch_fs.FileSystemWriter(path, thread_count=1, serialization_format=safetensors)
+
+
+def _zstd_writer(path):
+    from dcp_filesystem.transforms import ZStandard
+
+    return FileSystemWriter(path, _extensions=[ZStandard()])
+
+
+HAS_STOCK_SAFETENSORS = hasattr(torch_fs, "SerializationFormat") and HAS_SAFETENSORS
+HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
+
+
+@pytest.mark.parametrize(
+    "make_writer, fmt, transforms",
+    [
+        pytest.param(_stock_torch_save_writer, "torch_save", [], id="stock-torch_save"),
+        pytest.param(
+            _stock_safetensors_writer,
+            "safetensors",
+            [],
+            id="stock-safetensors",
+            marks=pytest.mark.skipif(not HAS_STOCK_SAFETENSORS, reason="needs SerializationFormat and safetensors"),
+        ),
+        pytest.param(
+            _zstd_writer,
+            "torch_save",
+            ["stream.zstd/1"],
+            id="zstd",
+            marks=pytest.mark.skipif(not HAS_ZSTD, reason="zstandard is not installed"),
+        ),
+    ],
+)
+def test_inspect_detects_format_of_stock_and_transformed_checkpoints(tmp_path, capsys, make_writer, fmt, transforms):
+    path = tmp_path / "c"
+    dcp_save(make_state(), make_writer(path))
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    info = json.loads(out)
+    assert (code, info["format"], info["transforms"]) == (0, fmt, transforms)
+    assert [e["fqn"] for e in info["entries"]] == ["b", "h", "s", "step", "w"]
+    code, out, _ = run(capsys, "verify", str(path))
+    assert (code, out) == (0, f"OK: 5 entries, {info['total_bytes']} bytes verified\n")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_verify_good_checkpoint(tmp_path, capsys, fmt):
+    path = save(tmp_path / "c", fmt)
+    total = 128 + 30 + 4 + pickled_length(5) + 8192
+    assert run(capsys, "verify", str(path)) == (0, f"OK: 5 entries, {total} bytes verified\n", "")
+    code, out, err = run(capsys, "verify", str(path), "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"ok": True, "entries": 5, "bytes": total, "errors": {}}
+
+
+def test_verify_shows_progress_only_on_a_tty(tmp_path, capsys, monkeypatch):
+    path = save(tmp_path / "c", SerializationFormat.TORCH_SAVE)
+    assert run(capsys, "verify", str(path))[2] == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, "verify", str(path))
+    assert (code, err) == (0, "\rverify: 1/5\rverify: 2/5\rverify: 3/5\rverify: 4/5\rverify: 5/5\n")
+
+
+def flip_in_member(file, info, member_suffix):
+    """Flip one byte inside an archive member of one item, where only its CRC-32 can notice."""
+    raw = bytearray(file.read_bytes())
+    members = _members(raw[info.offset : info.offset + info.length])
+    ((start, size),) = [v for k, v in members.items() if k.endswith(member_suffix)]
+    raw[info.offset + start + size // 2] ^= 0x01
+    file.write_bytes(bytes(raw))
+
+
+def test_verify_lists_exactly_the_damaged_items_torch_save(tmp_path, capsys):
+    path = save(tmp_path / "c", SerializationFormat.TORCH_SAVE)
+    infos = storage_infos(path)
+    file = path / data_file(path)
+    flip_in_member(file, infos["step"], "/data.pkl")
+    flip_in_member(file, infos["h"], "/data/0")
+    last = max(infos.values(), key=lambda info: info.offset)
+    (last_fqn,) = [fqn for fqn, info in infos.items() if info is last]
+    with open(file, "r+b") as f:
+        f.truncate(last.offset + last.length - 1)
+
+    code, out, err = run(capsys, "verify", str(path))
+    assert (code, err) == (1, "")
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == sorted(["h", "step", last_fqn])
+    assert lines[-1] == "FAILED: 3 of 5 entries could not be read"
+    expected = {
+        "h": f"h: ValueError: {file}: cannot read item 'h' (chunk at [0, 0]): archive member",
+        "step": f"step: ValueError: {file}: cannot read item 'step': archive member",
+    }
+    for line in lines[:-1]:
+        fqn = line.split(":")[0]
+        if fqn == last_fqn:
+            end = last.offset + last.length
+            assert line.endswith(
+                f"needs bytes [{last.offset}, {end}) but the file has {end - 1} bytes (truncated or damaged checkpoint)"
+            )
+        else:
+            assert line.startswith(expected[fqn]) and line.endswith("fails its CRC-32 check (damaged data)")
+
+    code, out, _ = run(capsys, "verify", str(path), "--json")
+    report = json.loads(out)
+    assert (code, report["ok"], report["entries"]) == (1, False, 5)
+    assert sorted(report["errors"]) == sorted(["h", "step", last_fqn])
+
+
+@needs_safetensors
+def test_verify_lists_exactly_the_damaged_items_safetensors(tmp_path, capsys):
+    path = save(tmp_path / "c", SerializationFormat.SAFETENSORS, single_file_per_rank=False)
+    infos = storage_infos(path)
+    w_file = path / infos["w"].relative_path
+    with open(w_file, "r+b") as f:
+        f.truncate(os.path.getsize(w_file) - 1)
+    step_file = path / infos["step"].relative_path
+    flip_in_member(step_file, infos["step"], "/data.pkl")
+
+    code, out, err = run(capsys, "verify", str(path))
+    assert (code, err) == (1, "")
+    step_line, w_line, summary = out.splitlines()
+    assert step_line.startswith(f"step: ValueError: {step_file}: cannot read item 'step': archive member")
+    assert step_line.endswith("fails its CRC-32 check (damaged data)")
+    assert w_line.startswith(f"w: ValueError: {w_file} (offset 0): safetensors entry 'w' has offsets")
+    assert w_line.endswith(f"in a {os.path.getsize(w_file)}-byte file")
+    assert summary == "FAILED: 2 of 5 entries could not be read"
+
+
+def test_missing_data_file(tmp_path, capsys):
+    path = save(tmp_path / "c", SerializationFormat.TORCH_SAVE)
+    name = data_file(path)
+    os.remove(path / name)
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert code == 0
+    assert out.splitlines()[7:12] == [
+        "format: unknown",
+        "transforms: none",
+        f"dcp version: {DCP_VERSION}",
+        "files:",
+        f"  {name}  missing",
+    ]
+    code, out, _ = run(capsys, "verify", str(path))
+    assert code == 1
+    missing = f"FileNotFoundError: [Errno 2] No such file or directory: '{path / name}'"
+    assert out.splitlines() == [f"{fqn}: {missing}" for fqn in ["b", "h", "s", "step", "w"]] + [
+        "FAILED: 5 of 5 entries could not be read"
+    ]
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_unreadable_metadata_exits_2(tmp_path, capsys, command):
+    path = save(tmp_path / "c", SerializationFormat.TORCH_SAVE)
+    os.remove(path / ".metadata")
+    code, out, err = run(capsys, command, str(path))
+    assert (code, out) == (2, "")
+    assert err == (
+        "error: cannot read the checkpoint metadata: FileNotFoundError: "
+        f"[Errno 2] No such file or directory: '{path / '.metadata'}'\n"
+    )
+
+    (path / ".metadata").write_bytes(b"\x00garbage")
+    code, out, err = run(capsys, command, str(path))
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        f"error: cannot read the checkpoint metadata: UnpicklingError: {path / '.metadata'}: "
+        "cannot read DCP metadata (8 bytes; truncated or damaged?)"
+    )
+
+
+def test_unknown_option_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        _cli.main(["inspect", str(tmp_path), "--bogus"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
+
+
+def test_bench_without_a_source_checkout_exits_2(tmp_path, capsys, monkeypatch):
+    package = tmp_path / "site-packages" / "dcp_filesystem"
+    monkeypatch.setattr(_cli, "PACKAGE_DIR", package)
+    assert run(capsys, "bench", "--quick") == (
+        2,
+        "",
+        f"bench needs a source checkout: benchmarks/bench.py not found next to {package}\n",
+    )
+
+
+def test_bench_runs_the_checkout_script_with_the_rest_of_the_arguments(tmp_path, capfd, monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "bench.py").write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.setattr(_cli, "PACKAGE_DIR", tmp_path / "dcp_filesystem")
+    assert _cli.main(["bench", "--quick", "--dir", "/x", "--help"]) == 3
+    assert capfd.readouterr().out == "['--quick', '--dir', '/x', '--help']\n"
+
+
+def test_bench_script_of_this_checkout_is_found():
+    assert _cli.PACKAGE_DIR == Path(REPO, "dcp_filesystem")
+    assert (_cli.PACKAGE_DIR.parent / "benchmarks" / "bench.py").is_file()
