@@ -315,8 +315,14 @@ class _FileSystemWriter(StorageWriter):
                 safetensors_dtype_name(wi.tensor_data.properties.dtype, wi.index.fqn)
 
     def _check_path(self) -> None:
-        if isinstance(self.fs, FileSystem) and Path(self.path).exists() and not Path(self.path).is_dir():
+        if not isinstance(self.fs, FileSystem):
+            return
+        path = Path(self.path)
+        if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a directory")
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write checkpoint {self.path}: directory {existing} is not writable")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._check_items(plan)

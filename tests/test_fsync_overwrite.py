@@ -425,3 +425,27 @@ def test_path_is_a_regular_file(tmp_path, overwrite):
     assert str(err) == f"checkpoint path {path} exists and is not a directory"
     assert _snapshot(tmp_path) == before
     assert Path(path).read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing-dir", "new-dir"])
+def test_directory_not_writable(tmp_path, monkeypatch, exists):
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    path = parent / "ckpt"
+    if exists:
+        path.mkdir()
+    denied = path if exists else parent
+    if os.geteuid() == 0:  # root writes anywhere: stand in for a read-only directory
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
+    else:
+        denied.chmod(0o555)
+    try:
+        before = _snapshot(tmp_path)
+        err = _save_error(_state(), FileSystemWriter(path))
+        assert type(err) is PermissionError
+        assert str(err) == f"cannot write checkpoint {path}: directory {denied} is not writable"
+        assert _snapshot(tmp_path) == before
+        assert path.exists() == exists
+    finally:
+        denied.chmod(0o755)
