@@ -1,3 +1,4 @@
+# make demo        saves and loads a small GPT model and its AdamW state, every writer, bit-exact
 # make test        the test suite on this machine's torch (creates .venv when absent)
 # make test-gpu    the CUDA tests (marker gpu), with the interpreter in $(GPU_PYTHON)
 # make test-matrix the suite on each (torch, Python) cell, cached venvs outside the repo
@@ -8,9 +9,9 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
-TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff
+TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff build wheel
 
-.PHONY: venv test test-gpu test-matrix lint bench
+.PHONY: venv demo test test-gpu test-matrix lint bench
 
 $(VENV)/.ready:
 	python3 -m venv --system-site-packages $(VENV)
@@ -19,6 +20,9 @@ $(VENV)/.ready:
 	touch $@
 
 venv: $(VENV)/.ready
+
+demo: $(VENV)/.ready
+	$(PYTHON) examples/demo.py
 
 test: $(VENV)/.ready
 	$(PYTHON) -m pytest -q tests
@@ -30,7 +34,7 @@ test-matrix:
 	python3 tools/matrix.py
 
 lint: $(VENV)/.ready
-	$(PYTHON) -m ruff check dcp_filesystem tests tools benchmarks
+	$(PYTHON) -m ruff check dcp_filesystem tests tools benchmarks examples
 
 bench: $(VENV)/.ready
 	$(PYTHON) benchmarks/bench.py

@@ -1,0 +1,152 @@
+"""Packaging and the README's two commands, on a clone of this checkout (so only committed files count)."""
+import os
+import re
+import site
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from helpers import REPO, run_clean_python
+
+ROW = re.compile(
+    r"(dcp_filesystem|torch \(stock\)) +(TORCH_SAVE|SAFETENSORS) +(\d+) +(\d+) +(\d+) +[\d.]+ +[\d.]+ +(yes|no) +(\S+)"
+)
+
+
+def clean_env():
+    """The environment without this checkout on PYTHONPATH and without an enclosing make's settings."""
+    return {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VENV")
+    }
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("clone") / "dcp_filesystem")
+    subprocess.run(["git", "clone", "--quiet", REPO, path], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dist(clone, tmp_path_factory):
+    build = pytest.importorskip("build", reason="needs the build package (python -m build)")
+    pytest.importorskip("setuptools", reason="needs setuptools for python -m build --no-isolation")
+    builder = build.ProjectBuilder(clone)
+    unmet = builder.check_dependencies("sdist") | builder.check_dependencies("wheel")
+    if unmet:  # e.g. a venv's bundled setuptools < 70.1 without the wheel package
+        pytest.skip(f"python -m build --no-isolation: unmet build dependencies {sorted(unmet)}")
+    out = str(tmp_path_factory.mktemp("dist"))
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", out, clone],
+        check=True, capture_output=True, env=clean_env(),
+    )
+    return out
+
+
+def version(clone):
+    with open(os.path.join(clone, "dcp_filesystem", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
+
+def test_build_makes_one_sdist_and_one_wheel_of_the_package_alone(clone, dist):
+    v = version(clone)
+    assert sorted(os.listdir(dist)) == [f"dcp_filesystem-{v}-py3-none-any.whl", f"dcp_filesystem-{v}.tar.gz"]
+    with zipfile.ZipFile(os.path.join(dist, f"dcp_filesystem-{v}-py3-none-any.whl")) as wheel:
+        names = wheel.namelist()
+    package = sorted(n for n in names if not n.startswith(f"dcp_filesystem-{v}.dist-info/"))
+    sources = [n for n in os.listdir(os.path.join(clone, "dcp_filesystem")) if n.endswith(".py") or n == "py.typed"]
+    assert package == sorted("dcp_filesystem/" + name for name in sources)
+
+
+def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    # torch and pip from the running interpreter's environment; --system-site-packages would give only the
+    # base installation's packages when the running interpreter is itself a venv (make test, the matrix).
+    with open(os.path.join(purelib, "running_interpreter.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    wheel = os.path.join(dist, f"dcp_filesystem-{version(clone)}-py3-none-any.whl")
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--force-reinstall", wheel],
+        check=True, capture_output=True, env=clean_env(), cwd=str(tmp_path),
+    )
+
+    cli = subprocess.run(
+        [python, "-m", "dcp_filesystem", "--help"], capture_output=True, text=True, env=clean_env(), cwd=str(tmp_path)
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "{inspect,verify,bench}" in cli.stdout
+
+    out = run_clean_python(
+        """
+        import os, warnings
+        import torch
+        import torch.distributed.checkpoint as dcp
+        import dcp_filesystem
+        from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+
+        warnings.simplefilter("ignore")
+        print(os.path.realpath(dcp_filesystem.__file__))
+        for fmt in (SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS):
+            saved = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": 7}
+            loaded = {"w": torch.zeros(2, 3), "n": 0}
+            writer, reader = FileSystemWriter(fmt.name, serialization_format=fmt), FileSystemReader(fmt.name)
+            if hasattr(dcp, "save"):
+                dcp.save(saved, storage_writer=writer)
+                dcp.load(loaded, storage_reader=reader)
+            else:
+                dcp.save_state_dict(saved, storage_writer=writer, no_dist=True)
+                dcp.load_state_dict(loaded, storage_reader=reader, no_dist=True)
+            print(fmt.name, loaded["w"].tolist(), loaded["n"])
+        """,
+        cwd=str(tmp_path), python=python,
+    )
+    assert out.splitlines() == [
+        os.path.join(os.path.realpath(purelib), "dcp_filesystem", "__init__.py"),
+        "TORCH_SAVE [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] 7",
+        "SAFETENSORS [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] 7",
+    ]
+
+
+def make_n(clone, target):
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-n", target], cwd=clone, capture_output=True, text=True, env=clean_env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_readme_commands_create_the_venv_then_run(clone):
+    venv = make_n(clone, "venv")
+    assert venv[0] == "python3 -m venv --system-site-packages .venv"
+    assert venv[-1] == "touch .venv/.ready"
+    assert make_n(clone, "demo") == venv + [".venv/bin/python examples/demo.py"]
+    assert make_n(clone, "test") == venv + [".venv/bin/python -m pytest -q tests"]
+
+
+def test_demo_from_the_clone_is_bit_exact_and_verified(clone):
+    assert os.path.isfile(os.path.join(clone, "examples", "demo.py")), "examples/demo.py is not committed"
+    proc = subprocess.run(
+        [sys.executable, os.path.join("examples", "demo.py")],
+        cwd=clone, capture_output=True, text=True, env=clean_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(r"GPT: \d+\.\d M parameters, AdamW after 2 steps", lines[0])
+    assert lines[2].split() == ["writer", "format", "entries", "bytes", "files", "save", "GB/s", "load", "GB/s",
+                                "bit-exact", "verify"]
+    rows = [ROW.fullmatch(line).groups() for line in lines[3:6]]
+    assert [(r[0], r[1], r[4], r[5], r[6]) for r in rows] == [
+        ("dcp_filesystem", "TORCH_SAVE", "3", "yes", "OK"),
+        ("dcp_filesystem", "SAFETENSORS", "3", "yes", "OK"),
+        ("torch (stock)", "TORCH_SAVE", "3", "yes", "-"),
+    ]
+    assert rows[0][2] == rows[1][2] == rows[2][2]  # the same entries in every checkpoint
+    assert rows[0][3] == rows[2][3]  # TORCH_SAVE is upstream's format byte for byte: the same size
+    assert lines[6:] == ["", "GB/s: one save and one load each; `make bench` takes medians of interleaved runs."]
