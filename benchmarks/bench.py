@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Save/load throughput of dcp_filesystem vs stock torch.distributed.checkpoint vs raw file I/O.
+
+Run from the repo root:  python benchmarks/bench.py [--quick] [--json PATH] [--repeats N] [--dir DIR]
+See benchmarks/README.md for what is measured.
+"""
+import argparse
+import ctypes
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+
+import dcp_filesystem  # noqa: E402
+
+try:
+    from torch.distributed.checkpoint.filesystem import SerializationFormat as StockFormat
+except ImportError:  # torch < 2.8
+    StockFormat = None
+
+# torch 2.1 logs an INFO line per save from here, on stderr
+logging.getLogger("torch.distributed.checkpoint._dedup_tensors").setLevel(logging.WARNING)
+
+MiB = 1 << 20
+CHUNK = 64 * MiB
+
+
+# ---------------------------------------------------------------- workloads
+def workloads(quick):
+    """name -> callable building the state dict (built lazily: one workload in memory at a time)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def llm():
+        sd = {f"layers.{i}.weight": randn(2048, 4096) for i in range(2 if quick else 32)}  # 32 MiB each
+        sd.update({f"norms.{i}.weight": randn(256) for i in range(500 if quick else 2000)})  # 1 KiB each
+        sd.update(step=1234, epoch=7, config={"lr": 3e-4, "betas": [0.9, 0.95]}, name="bench-llm")
+        return sd
+
+    def tiny():
+        return {f"t.{i}": randn(4) for i in range(1000 if quick else 20000)}
+
+    def one_big():
+        return {"weight": randn(16 * MiB if quick else 256 * MiB)}  # 64 MiB / 1 GiB of float32
+
+    return {"llm": llm, "tiny": tiny, "one-big": one_big}
+
+
+def tensors(sd):
+    """The tensors of a nested state dict, in a fixed order."""
+    if isinstance(sd, torch.Tensor):
+        return [sd]
+    if isinstance(sd, dict):
+        return [t for k in sorted(sd) for t in tensors(sd[k])]
+    if isinstance(sd, list):
+        return [t for v in sd for t in tensors(v)]
+    return []
+
+
+def zeros_like_state(sd):
+    """Same structure, tensors zeroed, other values replaced by None (DCP load fills them in)."""
+    if isinstance(sd, torch.Tensor):
+        return torch.zeros_like(sd)
+    if isinstance(sd, dict):
+        return {k: zeros_like_state(v) for k, v in sd.items()}
+    if isinstance(sd, list):
+        return [zeros_like_state(v) for v in sd]
+    return None
+
+
+def assert_equal(expected, actual, where):
+    """Bit-exact equality of nested state dicts; raises AssertionError naming the first difference."""
+    if isinstance(expected, torch.Tensor):
+        ok = isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype and actual.shape == expected.shape
+        if not (ok and torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))):
+            raise AssertionError(f"loaded data differs at {where}")
+    elif isinstance(expected, dict):
+        if set(expected) != set(actual):
+            raise AssertionError(f"loaded keys differ at {where}")
+        for k in expected:
+            assert_equal(expected[k], actual[k], f"{where}.{k}")
+    elif isinstance(expected, list):
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert_equal(e, a, f"{where}[{i}]")
+    elif expected != actual:
+        raise AssertionError(f"loaded value differs at {where}: {actual!r} != {expected!r}")
+
+
+def zero_(sd):
+    for t in tensors(sd):
+        t.zero_()
+
+
+# ---------------------------------------------------------------- variants
+def dcp_save(sd, writer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(dcp, "save"):
+            dcp.save(sd, storage_writer=writer)
+        else:  # torch 2.1
+            dcp.save_state_dict(sd, storage_writer=writer, no_dist=True)
+
+
+def dcp_load(sd, reader):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(dcp, "load"):
+            dcp.load(sd, storage_reader=reader)
+        else:  # torch 2.1
+            dcp.load_state_dict(sd, storage_reader=reader, no_dist=True)
+
+
+class DcpVariant:
+    """A FileSystemWriter/FileSystemReader pair, optionally with a serialization_format."""
+
+    def __init__(self, name, writer_cls, reader_cls, fmt=None, load_may_fail=False):
+        self.name, self.writer_cls, self.reader_cls, self.fmt = name, writer_cls, reader_cls, fmt
+        self.load_may_fail = load_may_fail
+
+    def save(self, sd, path, sync, threads):
+        kwargs = {} if self.fmt is None else {"serialization_format": self.fmt}
+        dcp_save(sd, self.writer_cls(path, sync_files=sync, thread_count=threads, **kwargs))
+
+    def load(self, dest, path):
+        dcp_load(dest, self.reader_cls(path))
+
+
+def byte_view(tensor):
+    """A writable memoryview over a contiguous CPU tensor's bytes (no NumPy)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+class RawVariant:
+    """The payload as one flat buffer: chunked write (+ fsync) to one file, chunked readinto back."""
+
+    name = "raw"
+    load_may_fail = False
+
+    def save(self, flat, path, sync, threads):
+        os.makedirs(path)
+        view = byte_view(flat)
+        with open(os.path.join(path, "raw.bin"), "wb", buffering=0) as f:
+            for off in range(0, len(view), CHUNK):
+                f.write(view[off : off + CHUNK])
+            if sync:
+                os.fsync(f.fileno())
+
+    def load(self, dest, path):
+        view = byte_view(dest)
+        with open(os.path.join(path, "raw.bin"), "rb", buffering=0) as f:
+            off = 0
+            while off < len(view):
+                n = f.readinto(view[off : off + CHUNK])
+                if not n:
+                    raise EOFError(path)
+                off += n
+
+
+def variants():
+    out = [
+        DcpVariant("dcp_filesystem torch_save", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
+                   dcp_filesystem.SerializationFormat.TORCH_SAVE),
+        DcpVariant("dcp_filesystem safetensors", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
+                   dcp_filesystem.SerializationFormat.SAFETENSORS),
+        DcpVariant("stock torch_save", dcp.FileSystemWriter, dcp.FileSystemReader),
+    ]
+    if StockFormat is not None:
+        out.append(DcpVariant("stock safetensors", dcp.FileSystemWriter, dcp.FileSystemReader,
+                              StockFormat.SAFETENSORS, load_may_fail=True))
+    return out
+
+
+# ---------------------------------------------------------------- timing
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed(fn, *args):
+    """(seconds, peak RSS increase in bytes) of fn(*args); RSS sampled every ~2 ms by a thread."""
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    before = rss_bytes()
+    sampler.start()
+    t0 = time.perf_counter()
+    fn(*args)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return seconds, max(0, peak[0] - before)
+
+
+def run_workload(name, sd, cases, repeats, root, results):
+    """Interleaved repeats of save-then-load for every case; appends row dicts to results."""
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors(sd)])
+    payload = flat.numel()
+    dest, flat_dest = zeros_like_state(sd), torch.zeros_like(flat)
+    samples = {(c, op): [] for c in cases for op in ("save", "load")}
+    failed, verified = {}, set()
+    path = os.path.join(root, "ckpt")
+    for r in range(repeats):
+        shift = r * len(cases) // repeats
+        for case in cases[shift:] + cases[:shift]:
+            variant, sync, threads = case
+            raw = isinstance(variant, RawVariant)
+            src, dst = (flat, flat_dest) if raw else (sd, dest)
+            shutil.rmtree(path, ignore_errors=True)
+            samples[(case, "save")].append(timed(variant.save, src, path, sync, threads))
+            if case in failed:
+                continue
+            zero_(dst)
+            try:
+                result = timed(variant.load, dst, path)
+            except (Exception, CheckpointException) as e:
+                if not variant.load_may_fail:
+                    raise
+                failed[case] = f"fails: {type(e).__name__}"
+                continue
+            if case not in verified:
+                assert_equal(src, dst, f"{name}/{variant.name}/sync={sync}/threads={threads}")
+                verified.add(case)
+            samples[(case, "load")].append(result)
+    shutil.rmtree(path, ignore_errors=True)
+    for op, case in [(op, case) for op in ("save", "load") for case in cases]:
+        variant, sync, threads = case
+        runs = samples[(case, op)]
+        seconds = [s for s, _ in runs]
+        median = statistics.median(seconds) if seconds else None
+        results.append({
+            "workload": name, "op": op, "variant": variant.name, "sync": sync,
+            "threads": None if isinstance(variant, RawVariant) else threads,
+            "payload_bytes": payload, "seconds": seconds, "median_s": median,
+            "gb_per_s": payload / 1e9 / median if median else None,
+            "peak_rss_mib": max(m for _, m in runs) / MiB if runs else None,
+            "error": failed.get(case) if op == "load" else None,
+        })
+
+
+def add_ratios(rows):
+    def gbps(workload, op, variant, sync, threads):
+        for r in rows:
+            if (r["workload"], r["op"], r["variant"], r["sync"], r["threads"]) == (workload, op, variant, sync, threads):
+                return r["gb_per_s"]
+        return None
+
+    for r in rows:
+        key = (r["workload"], r["op"])
+        stock = gbps(*key, "stock torch_save", r["sync"], r["threads"])
+        raw = gbps(*key, "raw", r["sync"], None)
+        r["vs_stock"] = r["gb_per_s"] / stock if r["gb_per_s"] and stock and r["threads"] else None
+        r["vs_raw"] = r["gb_per_s"] / raw if r["gb_per_s"] and raw else None
+
+
+# ---------------------------------------------------------------- report
+def markdown(header, rows):
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    lines = [f"# dcp_filesystem benchmark — {header['date']}", "",
+             f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
+             f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
+             "| workload | op | variant | sync | threads | median ms | GB/s | vs stock | vs raw | peak RSS +MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = r["error"] or fmt(r["median_s"] and r["median_s"] * 1e3, ".1f")
+        lines.append(f"| {r['workload']} | {r['op']} | {r['variant']} | {r['sync']} | {fmt(r['threads'], 'd')} "
+                     f"| {ms} | {fmt(r['gb_per_s'], '.4g')} | {fmt(r['vs_stock'], '.2f')} | {fmt(r['vs_raw'], '.2f')} "
+                     f"| {fmt(r['peak_rss_mib'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, sync=True only (< 1 min)")
+    p.add_argument("--json", default=os.path.join("bench-results", "bench.json"), help="where to write the JSON")
+    p.add_argument("--repeats", type=int, help="repeats per case (default 5, --quick 3)")
+    p.add_argument("--dir", help="scratch directory for checkpoints (default: a new temp dir)")
+    args = p.parse_args()
+    repeats = args.repeats or (3 if args.quick else 5)
+    syncs = [True] if args.quick else [True, False]
+    cases = [(v, s, t) for s in syncs for v in variants() for t in (1, 2)]
+    cases += [(RawVariant(), s, 1) for s in syncs]
+    header = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": args.quick,
+    }
+    root = tempfile.mkdtemp(prefix="dcp-bench-", dir=args.dir)
+    rows = []
+    try:
+        for name, build in workloads(args.quick).items():
+            t0 = time.perf_counter()
+            run_workload(name, build(), cases, repeats, root, rows)
+            print(f"workload {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    add_ratios(rows)
+    print(markdown(header, rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
