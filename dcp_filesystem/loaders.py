@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -15,6 +16,36 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.untyped_storage().size() != tensor.numel() * tensor.element_size():
         return tensor.clone()
     return tensor
+
+
+class DeviceContext(NamedTuple):
+    """The calling thread's accelerator device and current stream, for writer threads to adopt."""
+
+    module: Any
+    index: Optional[int]
+    stream: Any
+
+
+def caller_device_context() -> Optional[DeviceContext]:
+    device_type = _compat.available_device_type()
+    if device_type is None:
+        return None
+    module = _compat.device_module(device_type)
+    index = module.current_device() if hasattr(module, "current_device") else None
+    return DeviceContext(module, index, module.current_stream())
+
+
+@contextlib.contextmanager
+def on_device(context: Optional[DeviceContext]) -> Iterator[None]:
+    """Run on the caller's device and stream: a new thread starts on device 0 and its default stream,
+    so its copies would not be ordered after the caller's work."""
+    if context is None:
+        yield
+        return
+    if context.index is not None and hasattr(context.module, "set_device"):
+        context.module.set_device(context.index)
+    with context.module.stream(context.stream):
+        yield
 
 
 class _TensorLoader(ABC):

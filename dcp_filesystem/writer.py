@@ -43,7 +43,7 @@ from ._format import (
 )
 from ._torch_save import save_tensor
 from .fs import FileSystem, PathLike, fsync_stream
-from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader
+from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader, caller_device_context, on_device
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
 
 logger = logging.getLogger("dcp_filesystem")
@@ -374,25 +374,28 @@ class _FileSystemWriter(StorageWriter):
         result_queue: queue.Queue = queue.Queue()
         errors: List[BaseException] = []
         files, start = file_queue.qsize(), time.perf_counter()
+        device = caller_device_context() if self.thread_count > 1 else None
 
-        def work() -> None:
+        def work(context: Any = None) -> None:
             try:
-                _write_files_from_queue(
-                    self.fs.create_stream,
-                    file_queue,
-                    result_queue,
-                    planner,
-                    self.transforms,
-                    self.per_thread_copy_ahead,
-                    self.sync_files,
-                    self.thread_count,
-                    self.serialization_format,
-                )
+                with on_device(context):
+                    _write_files_from_queue(
+                        self.fs.create_stream,
+                        file_queue,
+                        result_queue,
+                        planner,
+                        self.transforms,
+                        self.per_thread_copy_ahead,
+                        self.sync_files,
+                        self.thread_count,
+                        self.serialization_format,
+                    )
             except BaseException as e:  # noqa: B036 - re-raised in the calling thread
                 errors.append(e)
 
         threads = [
-            threading.Thread(target=work, name=f"dcp_filesystem-writer-{i}") for i in range(1, self.thread_count)
+            threading.Thread(target=work, args=(device,), name=f"dcp_filesystem-writer-{i}")
+            for i in range(1, self.thread_count)
         ]
         for t in threads:
             t.start()

@@ -148,6 +148,8 @@ fake.current_stream = current_stream
 fake.Stream = Stream
 fake.stream = stream
 fake.device_count = lambda: 1
+fake.current_device = lambda: 1  # the caller works on device 1
+fake.set_device = lambda index: events.append(("set_device", threading.get_ident(), index))
 
 torch.utils.rename_privateuse1_backend("fakedev")
 torch._register_device_module("fakedev", fake)
@@ -231,6 +233,8 @@ for threads in (1, 3):
         "streams": [{"id": id(s), "thread": s.thread} for s in streams_made],
         "loaders": loaders_made[:],
         "wait_stream": [list(e) for e in events if e[0] == "wait_stream"],
+        "set_device": [list(e[1:]) for e in events if e[0] == "set_device"],
+        "main_thread": threading.get_ident(),
         "syncs": len([e for e in events if e[0] == "sync"]),
         "files": sorted(os.listdir(path)),
     }
@@ -335,6 +339,7 @@ def test_writer_single_thread_uses_current_stream(fake_device):
     assert loader["stream_arg"] is None and loader["is_current"] is True
     assert loader["threshold"] == 1000
     assert got["wait_stream"] == []
+    assert got["set_device"] == []
     assert got["syncs"] >= 1
     assert got["files"] == [".metadata", "__0_0.distcp"]
     _load(os.path.join(str(ckpt), "t1"))
@@ -354,8 +359,11 @@ def test_writer_three_threads_each_own_stream(fake_device):
         # Each loader runs on the stream its own thread created.
         assert loader["stream_arg"] == loader["stream"] == stream_of_thread[loader["thread"]]
         assert loader["threshold"] == 1000
-    # Every thread's stream waited on the current stream once per loader.
+    # Every thread's stream waited on the caller's current stream once per loader.
     assert len(got["wait_stream"]) == 3
     assert all(w[2] == "current" for w in got["wait_stream"])
+    # The two worker threads moved to the caller's device before making their streams.
+    workers = set(stream_of_thread) - {got["main_thread"]}
+    assert sorted(got["set_device"]) == sorted([thread, 1] for thread in workers) and len(workers) == 2
     assert got["files"] == [".metadata", "__0_0.distcp", "__0_1.distcp", "__0_2.distcp"]
     _load(os.path.join(str(ckpt), "t3"))
