@@ -1,6 +1,7 @@
 """Shared test helpers: DCP entry points on every torch, and clean subprocesses."""
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 HAS_DCP_SAVE = hasattr(dcp, "save")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,3 +79,31 @@ def run_clean_python(code: str, cwd: str, env_extra=None, python: str = sys.exec
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def save_rank_local(writer, state, rank):
+    """One rank's save without collectives, driven by hand: it writes ``__{rank}.metadata``."""
+    planner = DefaultSavePlanner()
+    if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
+        planner.set_up_planner(state, storage_meta=writer.storage_meta(), is_coordinator=True)
+    else:
+        planner.set_up_planner(state, True)
+    writer.set_up_storage_writer(True, rank=rank, use_collectives=False)
+    local = writer.prepare_local_plan(planner.create_local_plan())
+    plans, metadata = planner.create_global_plan([local])
+    plan = planner.finish_plan(writer.prepare_global_plan(plans)[0])
+    fut = writer.write_data(plan, planner)
+    fut.wait()
+    writer.finish(metadata, [fut.value()])
+
+
+def load_rank_local(reader, state, rank):
+    """One rank's load of ``__{rank}.metadata`` and its data, driven by hand; returns the metadata."""
+    metadata = reader.read_metadata(rank=rank)
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(state, metadata, True)
+    reader.set_up_storage_reader(metadata, True, rank=rank, use_collectives=False)
+    local = reader.prepare_local_plan(planner.create_local_plan())
+    plans = reader.prepare_global_plan(planner.create_global_plan([local]))
+    reader.read_data(planner.finish_plan(plans[0]), planner).wait()
+    return metadata

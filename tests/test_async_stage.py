@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import assert_state_equal, dcp_load
+from helpers import assert_state_equal, dcp_load, zeros_like_state
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
@@ -46,16 +46,6 @@ def _tensors(state):
 def _bump(state):
     for t in _tensors(state):
         t.add_(1)
-
-
-def _zeros(state):
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    if isinstance(state, dict):
-        return {k: _zeros(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_zeros(v) for v in state]
-    return None
 
 
 def test_writer_is_torch_blocking_async_stager():
@@ -111,7 +101,7 @@ def test_stage_with_cache_across_two_calls(tmp_path):
     from helpers import dcp_save
 
     dcp_save(second, writer)
-    target = _zeros(_state())
+    target = zeros_like_state(_state())
     dcp_load(target, FileSystemReader(dcp_save_path))
     assert_state_equal(_state(2), target)
 
@@ -141,7 +131,7 @@ def test_three_async_saves_with_one_writer(tmp_path, fmt, cache):
         assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "__0_1.distcp"]
     assert not (tmp_path / "unused").exists()
     for i, path in enumerate(paths):
-        target = _zeros(_state())
+        target = zeros_like_state(_state())
         dcp_load(target, FileSystemReader(path))
         assert_state_equal(_state(i + 1), target)
 
@@ -157,6 +147,6 @@ def test_async_save_is_isolated_from_later_changes(tmp_path):
         _bump(source)
         source["nested"]["list"][0].mul_(-1)
         future.result(timeout=120)
-        target = _zeros(_state())
+        target = zeros_like_state(_state())
         dcp_load(target, FileSystemReader(tmp_path / f"step{i}"))
         assert_state_equal(_state(i + 1), target)

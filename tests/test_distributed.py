@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from helpers import REPO, assert_state_equal
+from helpers import REPO, assert_state_equal, load_rank_local, save_rank_local
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
@@ -270,39 +270,6 @@ def test_rank_local_metadata_through_dcp_save(two_ranks):
 # --------------------------------------------------------------------------- rank-local, driven by hand
 
 
-def _drive_save(writer, state, rank):
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-
-    planner = DefaultSavePlanner()
-    if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
-        planner.set_up_planner(state, storage_meta=writer.storage_meta(), is_coordinator=True)
-    else:
-        planner.set_up_planner(state, True)
-    writer.set_up_storage_writer(True, rank=rank, use_collectives=False)
-    local = writer.prepare_local_plan(planner.create_local_plan())
-    assert local.storage_data.prefix == f"__{rank}_"
-    plans, metadata = planner.create_global_plan([local])
-    plans = writer.prepare_global_plan(plans)
-    assert plans[0].storage_data.prefix == f"__{rank}_"
-    final = planner.finish_plan(plans[0])
-    fut = writer.write_data(final, planner)
-    fut.wait()
-    writer.finish(metadata, [fut.value()])
-
-
-def _drive_load(reader, state, rank):
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    metadata = reader.read_metadata(rank=rank)
-    planner = DefaultLoadPlanner()
-    planner.set_up_planner(state, metadata, True)
-    reader.set_up_storage_reader(metadata, True, rank=rank, use_collectives=False)
-    local = reader.prepare_local_plan(planner.create_local_plan())
-    plans = reader.prepare_global_plan(planner.create_global_plan([local]))
-    reader.read_data(planner.finish_plan(plans[0]), planner).wait()
-    return metadata
-
-
 def _local_state(scale):
     return {"w": full_tensor() * scale, "ids": replicated_tensor(), "epoch": scale}
 
@@ -311,25 +278,25 @@ def _local_state(scale):
 def test_rank_local_metadata_driven(tmp_path, fmt):
     path = tmp_path / "ckpt"
     writer = FileSystemWriter(path, serialization_format=SerializationFormat(fmt))
-    _drive_save(writer, _local_state(1), rank=3)
+    save_rank_local(writer, _local_state(1), rank=3)
     assert sorted(os.listdir(str(path))) == ["__3.metadata", "__3_0.distcp"]
 
     reader = FileSystemReader(path)
     with pytest.raises(FileNotFoundError):
         reader.read_metadata()  # no global .metadata was written
     target = {"w": torch.zeros(8, 6), "ids": torch.zeros(10, dtype=torch.int64), "epoch": None}
-    metadata = _drive_load(FileSystemReader(path), target, rank=3)
+    metadata = load_rank_local(FileSystemReader(path), target, rank=3)
     assert {info.relative_path for info in metadata.storage_data.values()} == {"__3_0.distcp"}
     assert_state_equal(_local_state(1), target)
 
     # A second save of rank 3 in place: new name, old file of rank 3 removed, other ranks' files kept.
     (path / "__1_0.distcp").write_bytes(b"rank 1 data")
     writer2 = FileSystemWriter(path, serialization_format=SerializationFormat(fmt))
-    _drive_save(writer2, _local_state(2), rank=3)
+    save_rank_local(writer2, _local_state(2), rank=3)
     new_name = f"__3_0.{writer2.save_id[:8]}.distcp"
     assert sorted(os.listdir(str(path))) == sorted(["__1_0.distcp", "__3.metadata", new_name])
     assert (path / "__1_0.distcp").read_bytes() == b"rank 1 data"
     target = {"w": torch.zeros(8, 6), "ids": torch.zeros(10, dtype=torch.int64), "epoch": None}
-    metadata = _drive_load(FileSystemReader(path), target, rank=3)
+    metadata = load_rank_local(FileSystemReader(path), target, rank=3)
     assert {info.relative_path for info in metadata.storage_data.values()} == {new_name}
     assert_state_equal(_local_state(2), target)

@@ -12,9 +12,8 @@ import subprocess
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
+from helpers import assert_state_equal, dcp_load, dcp_save, load_rank_local, save_rank_local, zeros_like_state
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _safe_pickle
@@ -222,32 +221,6 @@ def test_real_checkpoints_load_bit_exact(tmp_path, make_writer):
     assert_state_equal(state, load_into_zeros(path))
 
 
-def drive_save(writer, state, rank):
-    """One rank's save without collectives: it writes ``__{rank}.metadata``."""
-    planner = DefaultSavePlanner()
-    if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
-        planner.set_up_planner(state, storage_meta=writer.storage_meta(), is_coordinator=True)
-    else:
-        planner.set_up_planner(state, True)
-    writer.set_up_storage_writer(True, rank=rank, use_collectives=False)
-    local = writer.prepare_local_plan(planner.create_local_plan())
-    plans, metadata = planner.create_global_plan([local])
-    plan = planner.finish_plan(writer.prepare_global_plan(plans)[0])
-    fut = writer.write_data(plan, planner)
-    fut.wait()
-    writer.finish(metadata, [fut.value()])
-
-
-def drive_load(reader, state, rank):
-    metadata = reader.read_metadata(rank=rank)
-    planner = DefaultLoadPlanner()
-    planner.set_up_planner(state, metadata, True)
-    reader.set_up_storage_reader(metadata, True, rank=rank, use_collectives=False)
-    local = reader.prepare_local_plan(planner.create_local_plan())
-    plans = reader.prepare_global_plan(planner.create_global_plan([local]))
-    reader.read_data(planner.finish_plan(plans[0]), planner).wait()
-
-
 STOCK_RANK_LOCAL = "use_collectives" in inspect.getsource(torch_fs.FileSystemWriter.set_up_storage_writer)
 
 
@@ -265,11 +238,11 @@ STOCK_RANK_LOCAL = "use_collectives" in inspect.getsource(torch_fs.FileSystemWri
 def test_rank_local_metadata_loads_bit_exact(tmp_path, make_writer):
     path = tmp_path / "c"
     state = make_state()
-    drive_save(make_writer(path), state, rank=1)
+    save_rank_local(make_writer(path), state, rank=1)
     assert sorted(os.listdir(path)) == ["__1.metadata", "__1_0.distcp"]
     check_loads_like_plain_pickle(path, "__1.metadata", rank=1)
     out = zeros_like_state(state)
-    drive_load(FileSystemReader(path), out, rank=1)
+    load_rank_local(FileSystemReader(path), out, rank=1)
     assert_state_equal(state, out)
 
 
