@@ -47,6 +47,17 @@ def zeros_like_state(state_dict):
     return None
 
 
+def contiguous_state(state_dict):
+    """The same nested state with every tensor made contiguous (for torch.save of views, byte comparisons)."""
+    if isinstance(state_dict, torch.Tensor):
+        return state_dict.contiguous()
+    if isinstance(state_dict, dict):
+        return {k: contiguous_state(v) for k, v in state_dict.items()}
+    if isinstance(state_dict, list):
+        return [contiguous_state(v) for v in state_dict]
+    return state_dict
+
+
 def _raw_bytes(tensor):
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import assert_state_equal, dcp_load, dcp_save, run_clean_python, zeros_like_state
+from helpers import assert_state_equal, contiguous_state, dcp_load, dcp_save, run_clean_python, zeros_like_state
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
@@ -102,16 +102,6 @@ def _state(contiguous_only=False):
     return state
 
 
-def _contiguous(state):
-    if isinstance(state, torch.Tensor):
-        return state.contiguous()
-    if isinstance(state, dict):
-        return {k: _contiguous(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_contiguous(v) for v in state]
-    return state
-
-
 def _assert_metadata_is_torchs(ckpt, with_zstd):
     raw = (ckpt / ".metadata").read_bytes()
     assert b"dcp_filesystem" not in raw
@@ -142,7 +132,7 @@ def ours_loaded_by_stock(tmp_path_factory):
     """Write every variant with this package, then load them all in ONE clean stock-torch process."""
     root = tmp_path_factory.mktemp("ours_to_stock")
     state = _state()
-    torch.save(_contiguous(state), root / "expected.pt")
+    torch.save(contiguous_state(state), root / "expected.pt")
     written = []
     for name, (options, with_zstd) in OURS_TO_STOCK.items():
         if with_zstd and not HAS_EXTENSION:
@@ -263,7 +253,7 @@ def test_stock_checkpoint_loads_with_ours(stock_written, name):
     assert (ckpt / ".metadata").is_file()
     target = zeros_like_state(state)
     dcp_load(target, FileSystemReader(ckpt))
-    assert_state_equal(_contiguous(state), _contiguous(target))
+    assert_state_equal(contiguous_state(state), contiguous_state(target))
     assert target["step"] == 42 and target["tag"] == "run-7"
 
 

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
+from helpers import assert_state_equal, contiguous_state, dcp_load, dcp_save, zeros_like_state
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 from dcp_filesystem.transforms import ZStandard
@@ -24,17 +24,6 @@ def _writer(path, mode, **kwargs):
             path, serialization_format=SerializationFormat.TORCH_SAVE, _extensions=[ZStandard()], **kwargs
         )
     raise AssertionError(mode)
-
-
-def _contiguous(state):
-    """The same nested state with every tensor made contiguous (so byte views work on any layout)."""
-    if isinstance(state, torch.Tensor):
-        return state.contiguous()
-    if isinstance(state, dict):
-        return {k: _contiguous(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_contiguous(v) for v in state]
-    return state
 
 
 def _data_files(path):
@@ -94,17 +83,17 @@ def _count_leaves(state):
 @pytest.mark.parametrize("thread_count", [1, 2, 4])
 def test_roundtrip_all_kinds(tmp_path, thread_count, single_file_per_rank, mode):
     state = _rich_state()
-    expected = _contiguous(_rich_state())
+    expected = contiguous_state(_rich_state())
     assert not state["transposed"].is_contiguous() and not state["strided"].is_contiguous()
     path = tmp_path / "ckpt"
     dcp_save(state, _writer(path, mode, thread_count=thread_count, single_file_per_rank=single_file_per_rank))
 
     # The saved state dict is not modified by saving.
-    assert_state_equal(expected, _contiguous(state))
+    assert_state_equal(expected, contiguous_state(state))
 
     target = zeros_like_state(state)
     dcp_load(target, FileSystemReader(path, thread_count=thread_count))
-    assert_state_equal(expected, _contiguous(target))
+    assert_state_equal(expected, contiguous_state(target))
     assert target["step"] == 12345 and type(target["step"]) is int
     assert target["name"] == "adamw-β"
     assert target["cfg"] == {"lr": 0.001, "betas": "0.9,0.999"}
@@ -170,7 +159,7 @@ def test_view_of_large_base_is_not_bloated(tmp_path, mode):
 def test_tensors_sharing_storage(tmp_path, mode):
     a = torch.arange(20, dtype=torch.int32)
     state = {"a": a, "head": a[:5], "tail": a[15:], "matrix": a.view(4, 5), "evens": a[::2]}
-    expected = _contiguous({k: v.clone() for k, v in state.items()})
+    expected = contiguous_state({k: v.clone() for k, v in state.items()})
     path = tmp_path / "ckpt"
     dcp_save(state, _writer(path, mode, thread_count=2))
     target = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
