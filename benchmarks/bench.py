@@ -265,8 +265,9 @@ def run_workload(name, sd, cases, repeats, root, results):
 
 def add_ratios(rows):
     def gbps(workload, op, variant, sync, threads):
+        key = (workload, op, variant, sync, threads)
         for r in rows:
-            if (r["workload"], r["op"], r["variant"], r["sync"], r["threads"]) == (workload, op, variant, sync, threads):
+            if (r["workload"], r["op"], r["variant"], r["sync"], r["threads"]) == key:
                 return r["gb_per_s"]
         return None
 
