@@ -433,7 +433,7 @@ class _FileSystemWriter(StorageWriter):
             pickle.dump(metadata, metadata_file)
             if self.sync_files:
                 fsync_stream(metadata_file)
-        metadata_path = self._get_metadata_path(rank)
+        metadata_path = self.metadata_path
         if not isinstance(self.fs, FileSystem) and self.fs.exists(metadata_path):
             self.fs.rm_file(metadata_path)  # other file systems may not replace on rename
         self.fs.rename(tmp_path, metadata_path)
