@@ -103,21 +103,22 @@ def _directory(read: _Read, archive_size: int) -> Dict[str, _Member]:
     signature, _, _, _, count, _, directory, comment = _END_OF_CENTRAL_DIR.unpack(read(end, _END_OF_CENTRAL_DIR.size))
     if count == 0xFFFF or directory == 0xFFFFFFFF:
         raise _Unsupported("zip64 archive")
-    if signature != 0x06054B50 or comment != 0:
+    if signature != 0x06054B50 or comment != 0 or directory > end:
         raise ValueError("torch.save archive has no valid end-of-central-directory record")
+    entries = bytes(read(directory, end - directory))  # the whole central directory, parsed in memory
     members = {}
-    position = directory
+    position = 0
     for _ in range(count):
-        if position + _CENTRAL_DIR_ENTRY.size > end:
+        if position + _CENTRAL_DIR_ENTRY.size > len(entries):
             raise ValueError("torch.save archive's central directory runs past its end")
-        fields = _CENTRAL_DIR_ENTRY.unpack(read(position, _CENTRAL_DIR_ENTRY.size))
+        fields = _CENTRAL_DIR_ENTRY.unpack_from(entries, position)
         crc, size, local = fields[7], fields[8], fields[16]
         name_len, extra_len, comment_len = fields[10], fields[11], fields[12]
         if size == 0xFFFFFFFF:
             raise _Unsupported("zip64 member")
         if fields[0] != 0x02014B50 or fields[4] != 0 or local + _LOCAL_HEADER.size > end:
             raise ValueError("torch.save archive has a damaged central directory entry")
-        name = bytes(read(position + 46, name_len)).decode("utf-8", "replace")
+        name = entries[position + 46 : position + 46 + name_len].decode("utf-8", "replace")
         position += 46 + name_len + extra_len + comment_len
         header = _LOCAL_HEADER.unpack(read(local, _LOCAL_HEADER.size))
         start = local + _LOCAL_HEADER.size + header[9] + header[10]
@@ -151,6 +152,23 @@ def _members(payload: bytearray) -> Dict[str, Tuple[int, int]]:
     return {name: (member.start, member.size) for name, member in members.items()}
 
 
+_spec_cache: Dict[bytes, _TensorSpec] = {}
+_SPEC_CACHE_SIZE = 4096
+
+
+def _unpickle_spec(pickled: bytes) -> _TensorSpec:
+    """The tensor a data.pkl describes; remembered, as the tensors of one model share a few shapes."""
+    spec = _spec_cache.get(pickled)
+    if spec is None:
+        spec = _TensorUnpickler(io.BytesIO(pickled)).load()
+        if not isinstance(spec, _TensorSpec):
+            raise _Unsupported("archive holds no tensor")
+        if len(_spec_cache) >= _SPEC_CACHE_SIZE:
+            _spec_cache.clear()
+        _spec_cache[pickled] = spec
+    return spec
+
+
 def _tensor_spec(read: _Read, members: Dict[str, _Member]) -> Tuple[_TensorSpec, str]:
     """The pickled tensor and the name of its storage member."""
     pickles = [name for name in members if name.endswith("/data.pkl")]
@@ -161,13 +179,11 @@ def _tensor_spec(read: _Read, members: Dict[str, _Member]) -> Tuple[_TensorSpec,
     if byteorder is not None and bytes(read(byteorder.start, byteorder.size)).decode() != sys.byteorder:
         raise _Unsupported("archive of the other byte order")
     pickled = members[pickles[0]]
-    spec = _TensorUnpickler(io.BytesIO(read(pickled.start, pickled.size))).load()
-    if not isinstance(spec, _TensorSpec):
-        raise _Unsupported("archive holds no tensor")
+    spec = _unpickle_spec(bytes(read(pickled.start, pickled.size)))
     storage = spec.storage
     name = f"{prefix}data/{storage.key}"
     size = members[name].size if name in members else -1
-    if size != storage.numel * torch.empty((), dtype=storage.dtype).element_size():
+    if size != storage.numel * torch._utils._element_size(storage.dtype):
         raise ValueError(f"storage record {storage.key!r} has {size} bytes, expected {storage.numel} elements")
     return spec, name
 
