@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_state_equal, dcp_load, dcp_save
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, _crc, reader
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, _crc, _pread, reader
 from dcp_filesystem._torch_save import _members
 
 BIG = (512, 1024)  # 2 MiB of float32: above the in-place threshold
@@ -19,6 +19,14 @@ def big_state():
 
 def destination():
     return {"big": torch.zeros(*BIG), "small": torch.zeros(10, dtype=torch.int64), "step": 0}
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Reads of a few KiB already split over three threads, in steps of 1000 bytes."""
+    monkeypatch.setattr(_pread, "_PART_BYTES", 4096)
+    monkeypatch.setattr(_pread, "_STEP_BYTES", 1000)
+    monkeypatch.setattr(_pread, "_cores", lambda: 3)
 
 
 @pytest.fixture
@@ -35,7 +43,10 @@ def decoded(monkeypatch):
     return seen
 
 
-def test_big_item_is_read_in_place_bit_exact(tmp_path, decoded):
+@pytest.mark.parametrize("parts", ["one", "three"])
+def test_big_item_is_read_in_place_bit_exact(tmp_path, decoded, request, parts):
+    if parts == "three":
+        request.getfixturevalue("small_parts")
     state = big_state()
     dcp_save(state, FileSystemWriter(tmp_path))
     out = destination()
@@ -73,7 +84,10 @@ def _load_error(path):
     return str(caught.value)
 
 
-def test_flipped_storage_byte_fails_the_crc(tmp_path):
+@pytest.mark.parametrize("parts", ["one", "three"])
+def test_flipped_storage_byte_fails_the_crc(tmp_path, request, parts):
+    if parts == "three":
+        request.getfixturevalue("small_parts")
     dcp_save(big_state(), FileSystemWriter(tmp_path))
     data_file, raw, _, start, size = _big_storage_range(tmp_path)
     raw[start + size - 7] ^= 0x10
@@ -136,3 +150,68 @@ def test_crc32_combine_equals_zlib_of_the_concatenation():
     for first, second in ((0, 5), (5, 0), (1, 1), (100, 3), (1 << 20, 12345)):
         a, b = os.urandom(first), os.urandom(second)
         assert _crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), second) == zlib.crc32(a + b)
+
+
+@pytest.mark.parametrize("with_crc", [True, False])
+def test_pread_into_equals_readinto_and_zlib(tmp_path, small_parts, with_crc):
+    content = os.urandom(40000)
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, size in ((0, 0), (7, 999), (0, 4096), (100, 8193), (5, 12288), (3, 30011)):
+            buffer = bytearray(size)
+            got, crc = _pread.pread_into(fd, offset, memoryview(buffer), with_crc)
+            assert (got, bytes(buffer)) == (size, content[offset : offset + size]), (offset, size)
+            assert crc == (zlib.crc32(content[offset : offset + size]) if with_crc else 0)
+    finally:
+        os.close(fd)
+
+
+def test_pread_into_past_the_end_reports_what_it_read(tmp_path, small_parts):
+    content = os.urandom(5000)
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buffer = bytearray(15000)  # three parts of 5000: the first two partly covered, the last not at all
+        got, crc = _pread.pread_into(fd, 1000, memoryview(buffer), True)
+    finally:
+        os.close(fd)
+    assert got == 4000
+    assert bytes(buffer[:got]) == content[1000:]
+    assert crc == zlib.crc32(content[1000:])
+
+
+class _StreamsWithoutFileno(FileSystem):
+    """A file system whose read streams are in-memory copies: no descriptor for positional reads."""
+
+    def create_stream(self, path, mode):
+        import contextlib
+        import io
+
+        if "r" not in mode:
+            return super().create_stream(path, mode)
+        return contextlib.nullcontext(io.BytesIO(open(path, "rb").read()))
+
+
+def test_streams_without_a_descriptor_are_read_in_place_and_crc_checked(tmp_path, decoded):
+    state = big_state()
+    dcp_save(state, FileSystemWriter(tmp_path))
+    out = destination()
+    target = out["big"]
+    fs_reader = FileSystemReader(tmp_path)
+    fs_reader.fs = _StreamsWithoutFileno()
+    dcp_load(out, fs_reader)
+    assert out["big"] is target
+    assert_state_equal(state, out)
+    assert decoded == ["small"]
+
+    data_file, raw, _, start, size = _big_storage_range(tmp_path)
+    raw[start + 5] ^= 0x01
+    data_file.write_bytes(bytes(raw))
+    fs_reader = FileSystemReader(tmp_path)
+    fs_reader.fs = _StreamsWithoutFileno()
+    with pytest.raises(BaseException) as caught:
+        dcp_load(destination(), fs_reader)
+    assert "archive member 'archive/data/0' fails its CRC-32 check (damaged data)" in str(caught.value)

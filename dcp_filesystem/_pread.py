@@ -1,0 +1,76 @@
+"""Large positional reads on several threads, with the CRC-32 of what was read."""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import zlib
+from typing import IO, List, Optional, Tuple
+
+from ._crc import crc32_combine
+
+_STEP_BYTES = 4 << 20  # one read call, then its CRC, per step
+_PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
+
+
+def file_descriptor(stream: IO[bytes]) -> Optional[int]:
+    """The OS file descriptor behind ``stream``, where positional reads can use it."""
+    if not hasattr(os, "preadv"):
+        return None
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
+@functools.cache
+def _cores() -> int:
+    return os.cpu_count() or 1  # a system call on some platforms: asked once
+
+
+def pread_into(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
+    """Fill ``view`` from ``fd`` at ``offset``: (bytes read, their zlib CRC-32 or 0 if not ``with_crc``).
+
+    The range is split over up to one thread per core; each reads its part in
+    steps and checksums a step right after reading it (os.preadv and zlib.crc32
+    release the GIL), and the parts' CRCs are joined with crc32_combine.
+    Fewer bytes than ``len(view)`` means the file ended first.
+    """
+    size = len(view)
+    parts = max(1, min(_cores(), size // _PART_BYTES))
+    per_part = -(-size // parts) if size else 0
+    got: List[int] = [0] * parts
+    crcs: List[int] = [0] * parts
+    errors: List[BaseException] = []
+
+    def part(i: int) -> None:
+        start, end = i * per_part, min((i + 1) * per_part, size)
+        position, crc = start, 0
+        try:
+            while position < end:
+                step = view[position : min(position + _STEP_BYTES, end)]
+                n = os.preadv(fd, [step], offset + position)
+                if n <= 0:
+                    break
+                if with_crc:
+                    crc = zlib.crc32(step[:n], crc)
+                position += n
+        except BaseException as e:  # noqa: B036 - re-raised in the calling thread
+            errors.append(e)
+        got[i], crcs[i] = position - start, crc
+
+    workers = [threading.Thread(target=part, args=(i,), name="dcp_filesystem-pread") for i in range(1, parts)]
+    for worker in workers:
+        worker.start()
+    part(0)
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    total, crc = 0, 0
+    for i in range(parts):
+        crc = crc32_combine(crc, crcs[i], got[i]) if i else crcs[0]
+        total += got[i]
+        if got[i] != min(per_part, size - i * per_part):
+            break  # a short part: the bytes after it are not this range's
+    return total, crc
