@@ -27,6 +27,7 @@ from ._format import (
     metadata_file_name,
     transform_descriptors_of,
 )
+from ._gc import gc_paused
 from ._pread import file_descriptor, pread_into
 from ._safe_pickle import load_metadata
 from ._torch_save import ZIP_MAGIC, PlainTensor, crc_error, load_tensor, plain_storage
@@ -179,6 +180,7 @@ class FileSystemReader(StorageReader):
             self.path = self.fs.init_path(checkpoint_id)
         self.load_id = _generate_uuid()
 
+    @gc_paused()
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         start = time.perf_counter()
         per_file: Dict[str, List[Tuple[ReadItem, Any]]] = {}
@@ -330,6 +332,7 @@ class FileSystemReader(StorageReader):
     def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
         return self.fs.concat_path(self.path, metadata_file_name(rank))
 
+    @gc_paused()
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as metadata_file:
