@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Save/load throughput of dcp_filesystem vs stock torch.distributed.checkpoint vs raw file I/O.
 
-Run from the repo root:  python benchmarks/bench.py [--quick] [--json PATH] [--repeats N] [--dir DIR]
-See benchmarks/README.md for what is measured.
+Run from the repo root:  python benchmarks/bench.py [--quick] [--json PATH] [--repeats N] [--dir DIR] [--workload W]
+What is measured: the "Benchmark" section of README.rst.
 """
 import argparse
 import ctypes
 import datetime
+import gc
 import json
 import logging
 import os
@@ -127,19 +128,54 @@ def dcp_load(sd, reader):
             dcp.load_state_dict(sd, storage_reader=reader, no_dist=True)
 
 
-class DcpVariant:
-    """A FileSystemWriter/FileSystemReader pair, optionally with a serialization_format."""
+STORAGE_METHODS = (
+    "reset", "set_up_storage_writer", "set_up_storage_reader", "read_metadata", "prepare_local_plan",
+    "prepare_global_plan", "write_data", "read_data", "finish", "storage_meta",
+)
 
-    def __init__(self, name, writer_cls, reader_cls, fmt=None, load_may_fail=False):
+
+def timing_storage_calls(storage):
+    """``storage`` with every call DCP makes into it timed; returns (storage, [seconds inside them])."""
+    spent = [0.0]
+    for name in STORAGE_METHODS:
+        method = getattr(storage, name, None)
+        if method is None:
+            continue
+
+        def timed_method(*args, _method=method, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(storage, name, timed_method)
+    return storage, spent
+
+
+class DcpVariant:
+    """A FileSystemWriter/FileSystemReader pair, optionally with a serialization_format.
+
+    save and load return the seconds spent inside the storage layer's methods; the
+    rest of a dcp.save/dcp.load is DCP's own work (planning, metadata), the same
+    for any storage layer.
+    """
+
+    def __init__(self, name, writer_cls, reader_cls, fmt=None, load_may_fail=False, reader_threads=False):
         self.name, self.writer_cls, self.reader_cls, self.fmt = name, writer_cls, reader_cls, fmt
-        self.load_may_fail = load_may_fail
+        self.load_may_fail, self.reader_threads = load_may_fail, reader_threads
 
     def save(self, sd, path, sync, threads):
         kwargs = {} if self.fmt is None else {"serialization_format": self.fmt}
-        dcp_save(sd, self.writer_cls(path, sync_files=sync, thread_count=threads, **kwargs))
+        writer, spent = timing_storage_calls(self.writer_cls(path, sync_files=sync, thread_count=threads, **kwargs))
+        dcp_save(sd, writer)
+        return spent[0]
 
-    def load(self, dest, path):
-        dcp_load(dest, self.reader_cls(path))
+    def load(self, dest, path, threads):
+        kwargs = {"thread_count": threads} if self.reader_threads else {}
+        reader, spent = timing_storage_calls(self.reader_cls(path, **kwargs))
+        dcp_load(dest, reader)
+        return spent[0]
 
 
 def byte_view(tensor):
@@ -163,7 +199,7 @@ class RawVariant:
             if sync:
                 os.fsync(f.fileno())
 
-    def load(self, dest, path):
+    def load(self, dest, path, threads):
         view = byte_view(dest)
         with open(os.path.join(path, "raw.bin"), "rb", buffering=0) as f:
             off = 0
@@ -177,9 +213,9 @@ class RawVariant:
 def variants():
     out = [
         DcpVariant("dcp_filesystem torch_save", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
-                   dcp_filesystem.SerializationFormat.TORCH_SAVE),
+                   dcp_filesystem.SerializationFormat.TORCH_SAVE, reader_threads=True),
         DcpVariant("dcp_filesystem safetensors", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
-                   dcp_filesystem.SerializationFormat.SAFETENSORS),
+                   dcp_filesystem.SerializationFormat.SAFETENSORS, reader_threads=True),
         DcpVariant("stock torch_save", dcp.FileSystemWriter, dcp.FileSystemReader),
     ]
     if StockFormat is not None:
@@ -198,7 +234,13 @@ def rss_bytes():
 
 
 def timed(fn, *args):
-    """(seconds, peak RSS increase in bytes) of fn(*args); RSS sampled every ~2 ms by a thread."""
+    """(seconds, peak RSS increase in bytes, seconds outside the storage layer or None) of fn(*args).
+
+    Dirty pages of earlier cases are flushed and garbage collected first, so one case's writeback or
+    garbage is not timed in the next; RSS is sampled every ~2 ms by a thread.
+    """
+    os.sync()
+    gc.collect()
     peak, stop = [0], threading.Event()
 
     def sample():
@@ -209,15 +251,15 @@ def timed(fn, *args):
     before = rss_bytes()
     sampler.start()
     t0 = time.perf_counter()
-    fn(*args)
+    storage_seconds = fn(*args)
     seconds = time.perf_counter() - t0
     stop.set()
     sampler.join()
     peak[0] = max(peak[0], rss_bytes())
-    return seconds, max(0, peak[0] - before)
+    return seconds, max(0, peak[0] - before), None if storage_seconds is None else seconds - storage_seconds
 
 
-def run_workload(name, sd, cases, repeats, root, results):
+def run_workload(name, sd, cases, repeats, root, results, progress):
     """Interleaved repeats of save-then-load for every case; appends row dicts to results."""
     flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors(sd)])
     payload = flat.numel()
@@ -227,8 +269,10 @@ def run_workload(name, sd, cases, repeats, root, results):
     path = os.path.join(root, "ckpt")
     for r in range(repeats):
         shift = r * len(cases) // repeats
-        for case in cases[shift:] + cases[:shift]:
+        for n, case in enumerate(cases[shift:] + cases[:shift], 1):
             variant, sync, threads = case
+            progress(f"{name}: repeat {r + 1}/{repeats}, case {n}/{len(cases)}: {variant.name}, "
+                     f"sync {sync}, threads {threads}")
             raw = isinstance(variant, RawVariant)
             src, dst = (flat, flat_dest) if raw else (sd, dest)
             shutil.rmtree(path, ignore_errors=True)
@@ -237,7 +281,7 @@ def run_workload(name, sd, cases, repeats, root, results):
                 continue
             zero_(dst)
             try:
-                result = timed(variant.load, dst, path)
+                result = timed(variant.load, dst, path, threads)
             except (Exception, CheckpointException) as e:
                 if not variant.load_may_fail:
                     raise
@@ -251,35 +295,52 @@ def run_workload(name, sd, cases, repeats, root, results):
     for op, case in [(op, case) for op in ("save", "load") for case in cases]:
         variant, sync, threads = case
         runs = samples[(case, op)]
-        seconds = [s for s, _ in runs]
+        seconds = [s for s, _, _ in runs]
         median = statistics.median(seconds) if seconds else None
+        outside = [o for _, _, o in runs if o is not None]
         results.append({
             "workload": name, "op": op, "variant": variant.name, "sync": sync,
             "threads": None if isinstance(variant, RawVariant) else threads,
             "payload_bytes": payload, "seconds": seconds, "median_s": median,
             "gb_per_s": payload / 1e9 / median if median else None,
-            "peak_rss_mib": max(m for _, m in runs) / MiB if runs else None,
+            "outside_storage_s": statistics.median(outside) if outside else None,
+            "peak_rss_mib": max(m for _, m, _ in runs) / MiB if runs else None,
             "error": failed.get(case) if op == "load" else None,
         })
 
 
 def add_ratios(rows):
-    def gbps(workload, op, variant, sync, threads):
+    """vs stock / vs raw: throughput ratios. ceiling: stock's time over this row's time outside the
+    storage layer, the ratio to stock that a storage layer taking no time at all would reach."""
+    def find(workload, op, variant, sync, threads):
         key = (workload, op, variant, sync, threads)
         for r in rows:
             if (r["workload"], r["op"], r["variant"], r["sync"], r["threads"]) == key:
-                return r["gb_per_s"]
+                return r
         return None
 
     for r in rows:
         key = (r["workload"], r["op"])
-        stock = gbps(*key, "stock torch_save", r["sync"], r["threads"])
-        raw = gbps(*key, "raw", r["sync"], None)
-        r["vs_stock"] = r["gb_per_s"] / stock if r["gb_per_s"] and stock and r["threads"] else None
-        r["vs_raw"] = r["gb_per_s"] / raw if r["gb_per_s"] and raw else None
+        stock = find(*key, "stock torch_save", r["sync"], r["threads"]) if r["threads"] else None
+        raw = find(*key, "raw", r["sync"], None)
+        r["vs_stock"] = r["gb_per_s"] / stock["gb_per_s"] if r["gb_per_s"] and stock and stock["gb_per_s"] else None
+        r["vs_raw"] = r["gb_per_s"] / raw["gb_per_s"] if r["gb_per_s"] and raw and raw["gb_per_s"] else None
+        outside = r["outside_storage_s"]
+        r["ceiling_vs_stock"] = stock["median_s"] / outside if stock and stock["median_s"] and outside else None
 
 
 # ---------------------------------------------------------------- report
+def terminal_progress():
+    """A function that shows one line of progress on stderr, overwriting the last ("" clears it)."""
+    width = [0]
+
+    def show(line):
+        print("\r" + line.ljust(width[0]) + ("\r" if not line else ""), end="", file=sys.stderr, flush=True)
+        width[0] = len(line)
+
+    return show
+
+
 def markdown(header, rows):
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -287,13 +348,16 @@ def markdown(header, rows):
     lines = [f"# dcp_filesystem benchmark — {header['date']}", "",
              f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
              f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
-             "| workload | op | variant | sync | threads | median ms | GB/s | vs stock | vs raw | peak RSS +MiB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| workload | op | variant | sync | threads | median ms | DCP ms | GB/s | vs stock | ceiling "
+             "| vs raw | peak RSS +MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms = r["error"] or fmt(r["median_s"] and r["median_s"] * 1e3, ".1f")
+        outside = r["outside_storage_s"]
         lines.append(f"| {r['workload']} | {r['op']} | {r['variant']} | {r['sync']} | {fmt(r['threads'], 'd')} "
-                     f"| {ms} | {fmt(r['gb_per_s'], '.4g')} | {fmt(r['vs_stock'], '.2f')} | {fmt(r['vs_raw'], '.2f')} "
-                     f"| {fmt(r['peak_rss_mib'], '.0f')} |")
+                     f"| {ms} | {fmt(outside and outside * 1e3, '.1f')} | {fmt(r['gb_per_s'], '.4g')} "
+                     f"| {fmt(r['vs_stock'], '.2f')} | {fmt(r['ceiling_vs_stock'], '.2f')} "
+                     f"| {fmt(r['vs_raw'], '.2f')} | {fmt(r['peak_rss_mib'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -303,6 +367,8 @@ def main():
     p.add_argument("--json", default=os.path.join("bench-results", "bench.json"), help="where to write the JSON")
     p.add_argument("--repeats", type=int, help="repeats per case (default 5, --quick 3)")
     p.add_argument("--dir", help="scratch directory for checkpoints (default: a new temp dir)")
+    p.add_argument("--workload", action="append", choices=list(workloads(False)),
+                   help="run only this workload (repeatable; default: all)")
     args = p.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
     syncs = [True] if args.quick else [True, False]
@@ -315,10 +381,14 @@ def main():
     }
     root = tempfile.mkdtemp(prefix="dcp-bench-", dir=args.dir)
     rows = []
+    progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
     try:
         for name, build in workloads(args.quick).items():
+            if args.workload and name not in args.workload:
+                continue
             t0 = time.perf_counter()
-            run_workload(name, build(), cases, repeats, root, rows)
+            run_workload(name, build(), cases, repeats, root, rows, progress)
+            progress("")
             print(f"workload {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -28,7 +28,7 @@ from ._format import (
     transform_descriptors_of,
 )
 from ._gc import gc_paused
-from ._pread import file_descriptor, pread_into
+from ._parallel import file_descriptor, pread_into, worker_count
 from ._safe_pickle import load_metadata
 from ._torch_save import ZIP_MAGIC, PlainTensor, crc_error, load_tensor, plain_storage
 from .fs import FileSystem, PathLike
@@ -189,8 +189,10 @@ class FileSystemReader(StorageReader):
             if info.relative_path not in per_file:
                 self._check_confined(info.relative_path, req)
             per_file.setdefault(info.relative_path, []).append((req, info))
+        stored_bytes = sum(info.length for reqs in per_file.values() for _, info in reqs)
+        threads = worker_count(self.thread_count, len(per_file), stored_bytes)
         # Planners are not promised to be thread-safe: their calls are serialised.
-        planner_lock = threading.Lock() if self.thread_count > 1 else None
+        planner_lock = threading.Lock() if threads > 1 else None
 
         def read_file(relative_path: str) -> None:
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
@@ -200,19 +202,19 @@ class FileSystemReader(StorageReader):
                 for req, info in reqs:
                     self._read_item(data_file, req, info, _Planner(planner, planner_lock))
 
-        if self.thread_count == 1 or len(per_file) == 1:
+        if threads == 1:
             for relative_path in per_file:
                 read_file(relative_path)
         else:
-            with ThreadPoolExecutor(min(self.thread_count, len(per_file)), "dcp_filesystem-reader") as pool:
+            with ThreadPoolExecutor(threads, "dcp_filesystem-reader") as pool:
                 for done in [pool.submit(read_file, relative_path) for relative_path in per_file]:
                     done.result()
         if logger.isEnabledFor(logging.DEBUG):
             seconds = time.perf_counter() - start
-            nbytes = sum(info.length for reqs in per_file.values() for _, info in reqs)
             logger.debug(
-                "read %d items, %d stored bytes from %d files in %s in %.3f s (%.3f GB/s)",
-                len(plan.items), nbytes, len(per_file), self.path, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+                "read %d items, %d stored bytes from %d files on %d thread(s) in %s in %.3f s (%.3f GB/s)",
+                len(plan.items), stored_bytes, len(per_file), threads, self.path, seconds,
+                stored_bytes / max(seconds, 1e-9) / 1e9,
             )
         fut: Future = Future()
         fut.set_result(None)

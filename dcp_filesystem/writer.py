@@ -41,12 +41,15 @@ from ._format import (
     safetensors_dtype_name,
     storage_info_for_disk,
 )
+from ._parallel import worker_count
 from ._torch_save import save_tensor
 from .fs import FileSystem, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader, caller_device_context, on_device
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
 
 logger = logging.getLogger("dcp_filesystem")
+# An fsync'd file costs about as much time as writing this many bytes, and overlaps across threads as well.
+_SYNCED_FILE_BYTES = 1 << 20
 _DATA_FILE = re.compile(r"__(\d+)_\d+(\.[0-9a-f]{8})?" + re.escape(DEFAULT_SUFFIX))
 
 
@@ -374,7 +377,12 @@ class _FileSystemWriter(StorageWriter):
         result_queue: queue.Queue = queue.Queue()
         errors: List[BaseException] = []
         files, start = file_queue.qsize(), time.perf_counter()
-        device = caller_device_context() if self.thread_count > 1 else None
+        tensor_bytes = sum(
+            _item_size(wi) for _, _, items in list(file_queue.queue) for wi in items if wi.type != WriteItemType.BYTE_IO
+        )
+        synced_files_cost = files * _SYNCED_FILE_BYTES if self.sync_files else 0
+        workers = worker_count(self.thread_count, files, tensor_bytes + synced_files_cost)
+        device = caller_device_context() if workers > 1 else None
 
         def work(context: Any = None) -> None:
             try:
@@ -387,7 +395,7 @@ class _FileSystemWriter(StorageWriter):
                         self.transforms,
                         self.per_thread_copy_ahead,
                         self.sync_files,
-                        self.thread_count,
+                        workers,
                         self.serialization_format,
                     )
             except BaseException as e:  # noqa: B036 - re-raised in the calling thread
@@ -395,7 +403,7 @@ class _FileSystemWriter(StorageWriter):
 
         threads = [
             threading.Thread(target=work, args=(device,), name=f"dcp_filesystem-writer-{i}")
-            for i in range(1, self.thread_count)
+            for i in range(1, workers)
         ]
         for t in threads:
             t.start()
@@ -411,8 +419,8 @@ class _FileSystemWriter(StorageWriter):
             seconds = time.perf_counter() - start
             nbytes = sum(r.size_in_bytes for r in results)
             logger.debug(
-                "wrote %d items, %d bytes in %d files to %s in %.3f s (%.3f GB/s)",
-                len(results), nbytes, files, self.path, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+                "wrote %d items, %d bytes in %d files on %d thread(s) to %s in %.3f s (%.3f GB/s)",
+                len(results), nbytes, files, workers, self.path, seconds, nbytes / max(seconds, 1e-9) / 1e9,
             )
         fut: Future[List[WriteResult]] = Future()
         fut.set_result(results)

@@ -3,3 +3,16 @@ import sys
 
 # Test the checkout itself, whatever is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from dcp_filesystem import _parallel  # noqa: E402
+
+REAL_BYTES_PER_THREAD = _parallel._BYTES_PER_THREAD
+
+
+@pytest.fixture(autouse=True)
+def threads_even_for_small_checkpoints(monkeypatch):
+    """Test checkpoints are small; without this, thread_count > 1 would run them on one thread
+    (tests/test_threads.py checks that policy) and the threaded paths would go untested."""
+    monkeypatch.setattr(_parallel, "_BYTES_PER_THREAD", 1)

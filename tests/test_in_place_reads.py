@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_state_equal, dcp_load, dcp_save
 
-from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, _crc, _pread, reader
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, _crc, _parallel, reader
 from dcp_filesystem._torch_save import _members
 
 BIG = (512, 1024)  # 2 MiB of float32: above the in-place threshold
@@ -24,9 +24,9 @@ def destination():
 @pytest.fixture
 def small_parts(monkeypatch):
     """Reads of a few KiB already split over three threads, in steps of 1000 bytes."""
-    monkeypatch.setattr(_pread, "_PART_BYTES", 4096)
-    monkeypatch.setattr(_pread, "_STEP_BYTES", 1000)
-    monkeypatch.setattr(_pread, "_cores", lambda: 3)
+    monkeypatch.setattr(_parallel, "_PART_BYTES", 4096)
+    monkeypatch.setattr(_parallel, "_STEP_BYTES", 1000)
+    monkeypatch.setattr(_parallel, "_cores", lambda: 3)
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_crc32_combine_equals_zlib_of_the_concatenation():
 
 
 @pytest.mark.parametrize("with_crc", [True, False])
-def test_pread_into_equals_readinto_and_zlib(tmp_path, small_parts, with_crc):
+def test_parallel_into_equals_readinto_and_zlib(tmp_path, small_parts, with_crc):
     content = os.urandom(40000)
     path = tmp_path / "f"
     path.write_bytes(content)
@@ -161,21 +161,21 @@ def test_pread_into_equals_readinto_and_zlib(tmp_path, small_parts, with_crc):
     try:
         for offset, size in ((0, 0), (7, 999), (0, 4096), (100, 8193), (5, 12288), (3, 30011)):
             buffer = bytearray(size)
-            got, crc = _pread.pread_into(fd, offset, memoryview(buffer), with_crc)
+            got, crc = _parallel.pread_into(fd, offset, memoryview(buffer), with_crc)
             assert (got, bytes(buffer)) == (size, content[offset : offset + size]), (offset, size)
             assert crc == (zlib.crc32(content[offset : offset + size]) if with_crc else 0)
     finally:
         os.close(fd)
 
 
-def test_pread_into_past_the_end_reports_what_it_read(tmp_path, small_parts):
+def test_parallel_into_past_the_end_reports_what_it_read(tmp_path, small_parts):
     content = os.urandom(5000)
     path = tmp_path / "f"
     path.write_bytes(content)
     fd = os.open(path, os.O_RDONLY)
     try:
         buffer = bytearray(15000)  # three parts of 5000: the first two partly covered, the last not at all
-        got, crc = _pread.pread_into(fd, 1000, memoryview(buffer), True)
+        got, crc = _parallel.pread_into(fd, 1000, memoryview(buffer), True)
     finally:
         os.close(fd)
     assert got == 4000

@@ -1,4 +1,4 @@
-"""Large positional reads on several threads, with the CRC-32 of what was read."""
+"""Spreading I/O over threads: how many a job is worth, and large positional reads with their CRC-32."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +11,14 @@ from ._crc import crc32_combine
 
 _STEP_BYTES = 4 << 20  # one read call, then its CRC, per step
 _PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
+# Below this many bytes per thread, files are read or written one after another: the work on
+# small items holds the GIL, so extra threads only add switching.
+_BYTES_PER_THREAD = 16 << 20
+
+
+def worker_count(thread_count: int, files: int, nbytes: int) -> int:
+    """Threads worth using for ``files`` files holding ``nbytes`` bytes, at most ``thread_count``."""
+    return max(1, min(thread_count, files, nbytes // _BYTES_PER_THREAD))
 
 
 def file_descriptor(stream: IO[bytes]) -> Optional[int]:

@@ -1,0 +1,75 @@
+"""thread_count > 1 uses threads only where the files hold enough bytes to be worth them."""
+import threading
+
+import pytest
+import torch
+from conftest import REAL_BYTES_PER_THREAD
+from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
+
+from dcp_filesystem import FileSystemReader, FileSystemWriter, _parallel, reader, writer
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def real_policy(monkeypatch):
+    monkeypatch.setattr(_parallel, "_BYTES_PER_THREAD", REAL_BYTES_PER_THREAD)
+
+
+@pytest.fixture
+def threads_used(monkeypatch):
+    """The names of the threads that wrote data files and that read them."""
+    used = {"write": set(), "read": set()}
+    real_write, real_open = writer._write_one_file, reader._DataFile.__init__
+
+    def write_one_file(*args):
+        used["write"].add(threading.current_thread().name)
+        return real_write(*args)
+
+    def open_data_file(self, *args):
+        used["read"].add(threading.current_thread().name)
+        real_open(self, *args)
+
+    monkeypatch.setattr(writer, "_write_one_file", write_one_file)
+    monkeypatch.setattr(reader._DataFile, "__init__", open_data_file)
+    return used
+
+
+def test_worker_count(real_policy):
+    count = _parallel.worker_count
+    assert count(4, 4, 0) == 1
+    assert count(4, 4, REAL_BYTES_PER_THREAD - 1) == 1
+    assert count(4, 4, 2 * REAL_BYTES_PER_THREAD) == 2
+    assert count(4, 3, 100 * REAL_BYTES_PER_THREAD) == 3
+    assert count(2, 8, 100 * REAL_BYTES_PER_THREAD) == 2
+    assert count(1, 8, 100 * REAL_BYTES_PER_THREAD) == 1
+
+
+@pytest.mark.parametrize("sync_files", [True, False])
+def test_small_checkpoint_is_written_and_read_on_the_calling_thread(tmp_path, real_policy, threads_used, sync_files):
+    state = {f"t{i}": torch.randn(16) for i in range(50)}
+    dcp_save(state, FileSystemWriter(tmp_path, thread_count=2, sync_files=sync_files))
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path, thread_count=2))
+    assert_state_equal(state, out)
+    assert len(list(tmp_path.glob("*.distcp"))) == 2  # the file layout still follows thread_count
+    assert threads_used == {"write": {threading.current_thread().name}, "read": {threading.current_thread().name}}
+
+
+def test_large_checkpoint_uses_every_thread(tmp_path, real_policy, threads_used):
+    state = {f"w{i}": torch.randn(4 * MiB) for i in range(4)}  # 4 x 16 MiB
+    dcp_save(state, FileSystemWriter(tmp_path, thread_count=2))
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path, thread_count=2))
+    assert_state_equal(state, out)
+    assert len(threads_used["write"]) == 2 and len(threads_used["read"]) == 2
+
+
+def test_many_synced_files_use_threads_for_their_fsyncs(tmp_path, real_policy, threads_used):
+    state = {f"t{i}": torch.randn(16) for i in range(40)}  # 40 files, one fsync each
+    dcp_save(state, FileSystemWriter(tmp_path, thread_count=2, single_file_per_rank=False))
+    assert len(threads_used["write"]) == 2
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path, thread_count=2))
+    assert_state_equal(state, out)
+    assert threads_used["read"] == {threading.current_thread().name}
