@@ -36,16 +36,17 @@ def _cores() -> int:
     return os.cpu_count() or 1  # a system call on some platforms: asked once
 
 
-def pread_into(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
+def pread_into(fd: int, offset: int, view: memoryview, with_crc: bool, sharing: int = 1) -> Tuple[int, int]:
     """Fill ``view`` from ``fd`` at ``offset``: (bytes read, their zlib CRC-32 or 0 if not ``with_crc``).
 
-    The range is split over up to one thread per core; each reads its part in
+    The range is split over up to one thread per core (the cores divided among
+    ``sharing`` such reads running at once); each reads its part in
     steps and checksums a step right after reading it (os.preadv and zlib.crc32
     release the GIL), and the parts' CRCs are joined with crc32_combine.
     Fewer bytes than ``len(view)`` means the file ended first.
     """
     size = len(view)
-    parts = max(1, min(_cores(), size // _PART_BYTES))
+    parts = max(1, min(_cores() // sharing, size // _PART_BYTES))
     per_part = -(-size // parts) if size else 0
     got: List[int] = [0] * parts
     crcs: List[int] = [0] * parts

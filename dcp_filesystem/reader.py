@@ -50,12 +50,13 @@ def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
 class _DataFile:
     """One open data file: positioned reads, and its safetensors headers parsed once."""
 
-    def __init__(self, stream: IO[bytes], name: str) -> None:
+    def __init__(self, stream: IO[bytes], name: str, files_at_once: int) -> None:
         self.stream = stream
         self.name = name
         stream.seek(0, os.SEEK_END)
         self.size = stream.tell()
         self.fd = file_descriptor(stream)
+        self.files_at_once = files_at_once
         self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
 
     def readinto_at(self, offset: int, view: memoryview) -> int:
@@ -71,7 +72,7 @@ class _DataFile:
     def readinto_with_crc(self, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
         """Fill ``view`` from ``offset``: (bytes read, their CRC-32 or 0), on several cores where possible."""
         if self.fd is not None:
-            return pread_into(self.fd, offset, view, with_crc)
+            return pread_into(self.fd, offset, view, with_crc, self.files_at_once)
         got = self.readinto_at(offset, view)
         return got, crc32(view[:got]) if with_crc else 0
 
@@ -197,7 +198,7 @@ class FileSystemReader(StorageReader):
         def read_file(relative_path: str) -> None:
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
             with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
-                data_file = _DataFile(stream, os.path.join(str(self.path), relative_path))
+                data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads)
                 data_file.safetensors_header(0)  # a damaged header fails here, whichever item comes first
                 for req, info in reqs:
                     self._read_item(data_file, req, info, _Planner(planner, planner_lock))

@@ -215,3 +215,29 @@ def test_streams_without_a_descriptor_are_read_in_place_and_crc_checked(tmp_path
     with pytest.raises(BaseException) as caught:
         dcp_load(destination(), fs_reader)
     assert "archive member 'archive/data/0' fails its CRC-32 check (damaged data)" in str(caught.value)
+
+
+@pytest.mark.parametrize("sharing,threads", [(1, 4), (2, 2), (3, 1), (8, 1)])
+def test_pread_into_divides_the_cores_among_reads_running_at_once(tmp_path, monkeypatch, sharing, threads):
+    import threading
+
+    monkeypatch.setattr(_parallel, "_PART_BYTES", 4096)
+    monkeypatch.setattr(_parallel, "_cores", lambda: 4)
+    callers, real_preadv = set(), os.preadv
+
+    def preadv(*args):
+        callers.add(threading.current_thread())  # kept alive, so never confused with a later one
+        return real_preadv(*args)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    content = os.urandom(64 << 10)
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buffer = bytearray(len(content))
+        assert _parallel.pread_into(fd, 0, memoryview(buffer), True, sharing) == (len(content), zlib.crc32(content))
+    finally:
+        os.close(fd)
+    assert bytes(buffer) == content
+    assert len(callers) == threads
