@@ -7,7 +7,9 @@ bytes. ``save_tensor`` writes the same bytes as the running torch's torch.save
 CRC-32 while its bytes are written. ``load_tensor`` checks every member against
 its CRC-32 (torch.load does not), unpickles with an allow-list of exactly those
 globals and views the storage bytes in place; an archive it does not recognise
-is passed to ``torch.load(weights_only=True)``.
+is passed to ``torch.load(weights_only=True)``. An archive of a layout seen
+before (same dtype, shape and size) is checked byte for byte against it and
+only its storage and serialization id CRC-checked, instead of parsed again.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ _END_OF_CENTRAL_DIR = struct.Struct("<IHHHHIIH")
 _CENTRAL_DIR_ENTRY = struct.Struct("<IHHHHHHIIIHHHHHII")
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _DATA_DESCRIPTOR = struct.Struct("<IIII")
+_CRC = struct.Struct("<I")
 _ZIP64_END = struct.Struct("<IQHHIIQQQQ")
 _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _FLAGS = 0x0808  # CRC and sizes follow the data; UTF-8 names
@@ -86,6 +89,7 @@ class _Member(NamedTuple):
     start: int
     size: int
     crc: int
+    crc_fields: Tuple[int, ...]  # where copies of its CRC-32 lie: local header, data descriptor, central directory
 
 
 _Read = Callable[[int, int], memoryview]
@@ -109,6 +113,7 @@ def _directory(read: _Read, archive_size: int) -> Dict[str, _Member]:
     members = {}
     position = 0
     for _ in range(count):
+        entry = directory + position
         if position + _CENTRAL_DIR_ENTRY.size > len(entries):
             raise ValueError("torch.save archive's central directory runs past its end")
         fields = _CENTRAL_DIR_ENTRY.unpack_from(entries, position)
@@ -124,7 +129,9 @@ def _directory(read: _Read, archive_size: int) -> Dict[str, _Member]:
         start = local + _LOCAL_HEADER.size + header[9] + header[10]
         if header[0] != 0x04034B50 or start + size > end:
             raise ValueError(f"torch.save archive member {name!r} has a damaged header")
-        members[name] = _Member(start, size, crc)
+        has_descriptor = header[2] & 0x08
+        crc_fields = (local + 14, start + size + 4, entry + 16) if has_descriptor else (local + 14, entry + 16)
+        members[name] = _Member(start, size, crc, crc_fields)
     return members
 
 
@@ -188,22 +195,80 @@ def _tensor_spec(read: _Read, members: Dict[str, _Member]) -> Tuple[_TensorSpec,
     return spec, name
 
 
+class _Template(NamedTuple):
+    """A decoded archive, against which a later archive of the same layout is checked byte for byte.
+
+    Archives of tensors of one dtype and shape differ only in their storage's
+    bytes, a random serialization id and those members' CRC-32s: a later
+    archive whose every other byte matches has the same members, pickle and
+    tensor, and needs only those two CRC-32s checked.
+    """
+
+    fixed: Tuple[Tuple[int, bytes], ...]  # (offset, bytes) it must match
+    varying: Tuple[Tuple[str, int, int, int], ...]  # (name, data start, size, offset of its CRC-32)
+    spec: _TensorSpec
+    storage_start: int
+
+
+_templates: Dict[int, _Template] = {}  # by archive size
+_TEMPLATES = 256
+
+
+def _make_template(payload: bytearray, members: Dict[str, _Member], spec: _TensorSpec, storage: str) -> _Template:
+    varying, holes = [], []
+    for name, member in members.items():
+        if name == storage or name.endswith(_SERIALIZATION_ID):
+            varying.append((name, member.start, member.size, member.crc_fields[-1]))
+            holes.append((member.start, member.start + member.size))
+            holes.extend((at, at + 4) for at in member.crc_fields)
+    fixed, position = [], 0
+    for begin, end in sorted(holes):
+        if begin > position:
+            fixed.append((position, bytes(payload[position:begin])))
+        position = max(position, end)
+    fixed.append((position, bytes(payload[position:])))
+    return _Template(tuple(fixed), tuple(varying), spec, members[storage].start)
+
+
+def _matching_template(payload: bytearray) -> Optional[_Template]:
+    template = _templates.get(len(payload))
+    if template is None:
+        return None
+    for offset, expected in template.fixed:
+        if payload[offset : offset + len(expected)] != expected:
+            return None
+    view = memoryview(payload)
+    for name, start, size, crc_at in template.varying:
+        (crc,) = _CRC.unpack_from(payload, crc_at)
+        if crc and zlib.crc32(view[start : start + size]) != crc:
+            raise ValueError(crc_error(name))
+    return template
+
+
 def load_tensor(payload: bytearray) -> torch.Tensor:
     """The tensor in a torch.save archive; it may share memory with ``payload``."""
-    read = _reader(payload)
-    try:
-        if payload[:4] != ZIP_MAGIC:
-            raise _Unsupported("not a zip archive (legacy torch.save format)")
-        members = _directory(read, len(payload))
-        _check_crcs(read, members)
-        spec, name = _tensor_spec(read, members)
-    except _Unsupported:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    template = _matching_template(payload)
+    if template is not None:
+        spec, start = template.spec, template.storage_start
+    else:
+        read = _reader(payload)
+        try:
+            if payload[:4] != ZIP_MAGIC:
+                raise _Unsupported("not a zip archive (legacy torch.save format)")
+            members = _directory(read, len(payload))
+            _check_crcs(read, members)
+            spec, name = _tensor_spec(read, members)
+        except _Unsupported:
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        if len(_templates) >= _TEMPLATES:
+            _templates.clear()
+        _templates[len(payload)] = _make_template(payload, members, spec, name)
+        start = members[name].start
     storage = spec.storage
     if storage.numel == 0:
         base = torch.empty(0, dtype=storage.dtype)
     else:
-        base = torch.frombuffer(payload, dtype=storage.dtype, count=storage.numel, offset=members[name].start)
+        base = torch.frombuffer(payload, dtype=storage.dtype, count=storage.numel, offset=start)
     return base.as_strided(spec.size, spec.stride, spec.storage_offset)
 
 
