@@ -225,37 +225,52 @@ def variants():
 
 
 # ---------------------------------------------------------------- timing
-def rss_bytes():
+def status_bytes(field):
+    """A memory figure of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where there is none."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def reset_peak_rss():
+    """Set the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def timed(fn, *args):
     """(seconds, peak RSS increase in bytes, seconds outside the storage layer or None) of fn(*args).
 
     Dirty pages of earlier cases are flushed and garbage collected first, so one case's writeback or
-    garbage is not timed in the next; RSS is sampled every ~2 ms by a thread.
+    garbage is not timed in the next. Peak RSS is the kernel's own mark, reset before the call; where
+    it cannot be reset, a thread samples RSS every ~2 ms (which takes some CPU from the timed call).
     """
     os.sync()
     gc.collect()
-    peak, stop = [0], threading.Event()
+    before = status_bytes("VmRSS")
+    peak, stop, sampler = [0], threading.Event(), None
+    if not reset_peak_rss():
+        def sample():
+            while not stop.wait(0.002):
+                peak[0] = max(peak[0], status_bytes("VmRSS"))
 
-    def sample():
-        while not stop.wait(0.002):
-            peak[0] = max(peak[0], rss_bytes())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    before = rss_bytes()
-    sampler.start()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     t0 = time.perf_counter()
     storage_seconds = fn(*args)
     seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    peak[0] = max(peak[0], rss_bytes())
+    if sampler is None:
+        peak[0] = status_bytes("VmHWM")
+    else:
+        stop.set()
+        sampler.join()
+        peak[0] = max(peak[0], status_bytes("VmRSS"))
     return seconds, max(0, peak[0] - before), None if storage_seconds is None else seconds - storage_seconds
 
 
