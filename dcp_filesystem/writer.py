@@ -43,6 +43,7 @@ from ._format import (
 )
 from ._parallel import worker_count
 from ._torch_save import save_tensor
+from ._writeback import with_early_writeback
 from .fs import FileSystem, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader, caller_device_context, on_device
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
@@ -227,6 +228,8 @@ def _write_files_from_queue(
             return
         loader = _make_loader(planner, inflight_threshhold, stream_for_copies)
         with create_stream(file_name, "wb") as stream:
+            if use_fsync:
+                stream = with_early_writeback(stream)
             results = _write_one_file(
                 stream, storage_key, write_items, planner, transforms, loader, serialization_format
             )
