@@ -21,7 +21,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not
 _StartWriteback = Callable[[int, int, int], None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sync_file_range() -> Optional[Any]:
     """libc's sync_file_range, where there is one (Linux)."""
     if not sys.platform.startswith("linux"):
