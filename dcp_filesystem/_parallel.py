@@ -36,6 +36,20 @@ def _cores() -> int:
     return os.cpu_count() or 1  # a system call on some platforms: asked once
 
 
+def _pread_range(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
+    """Fill ``view`` from ``fd`` at ``offset`` in steps, each checksummed right after it is read."""
+    position, crc = 0, 0
+    while position < len(view):
+        step = view[position : position + _STEP_BYTES]
+        n = os.preadv(fd, [step], offset + position)
+        if n <= 0:
+            break
+        if with_crc:
+            crc = zlib.crc32(step[:n], crc)
+        position += n
+    return position, crc
+
+
 def pread_into(fd: int, offset: int, view: memoryview, with_crc: bool, sharing: int = 1) -> Tuple[int, int]:
     """Fill ``view`` from ``fd`` at ``offset``: (bytes read, their zlib CRC-32 or 0 if not ``with_crc``).
 
@@ -47,26 +61,19 @@ def pread_into(fd: int, offset: int, view: memoryview, with_crc: bool, sharing: 
     """
     size = len(view)
     parts = max(1, min(_cores() // sharing, size // _PART_BYTES))
-    per_part = -(-size // parts) if size else 0
+    if parts == 1:
+        return _pread_range(fd, offset, view, with_crc)
+    per_part = -(-size // parts)
     got: List[int] = [0] * parts
     crcs: List[int] = [0] * parts
     errors: List[BaseException] = []
 
     def part(i: int) -> None:
-        start, end = i * per_part, min((i + 1) * per_part, size)
-        position, crc = start, 0
+        start = i * per_part
         try:
-            while position < end:
-                step = view[position : min(position + _STEP_BYTES, end)]
-                n = os.preadv(fd, [step], offset + position)
-                if n <= 0:
-                    break
-                if with_crc:
-                    crc = zlib.crc32(step[:n], crc)
-                position += n
+            got[i], crcs[i] = _pread_range(fd, offset + start, view[start : min(start + per_part, size)], with_crc)
         except BaseException as e:  # noqa: B036 - re-raised in the calling thread
             errors.append(e)
-        got[i], crcs[i] = position - start, crc
 
     workers = [threading.Thread(target=part, args=(i,), name="dcp_filesystem-pread") for i in range(1, parts)]
     for worker in workers:
