@@ -8,6 +8,7 @@ import zlib
 from typing import IO, List, Optional, Tuple
 
 from ._crc import crc32_combine
+from .fs import file_descriptor
 
 _STEP_BYTES = 4 << 20  # one read call, then its CRC, per step
 _PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
@@ -21,14 +22,9 @@ def worker_count(thread_count: int, files: int, nbytes: int) -> int:
     return max(1, min(thread_count, files, nbytes // _BYTES_PER_THREAD))
 
 
-def file_descriptor(stream: IO[bytes]) -> Optional[int]:
+def preadv_descriptor(stream: IO[bytes]) -> Optional[int]:
     """The OS file descriptor behind ``stream``, where positional reads can use it."""
-    if not hasattr(os, "preadv"):
-        return None
-    try:
-        return stream.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
-        return None
+    return file_descriptor(stream) if hasattr(os, "preadv") else None
 
 
 @functools.cache

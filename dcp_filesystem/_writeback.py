@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import io
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+
+from .fs import file_descriptor
 
 _WINDOW = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait for it
-
-_StartWriteback = Callable[[int, int, int], None]
 
 
 @functools.cache
@@ -35,17 +34,10 @@ def _sync_file_range() -> Optional[Any]:
     return function
 
 
-def _file_descriptor(stream: Any) -> Optional[int]:
-    try:
-        return stream.fileno()
-    except (AttributeError, io.UnsupportedOperation, OSError, ValueError):
-        return None
-
-
 def with_early_writeback(stream: Any) -> Any:
     """``stream``, or a wrapper of it that starts the writeback of every window written."""
     function = _sync_file_range()
-    fd = _file_descriptor(stream)
+    fd = file_descriptor(stream)
     if function is None or fd is None:
         return stream
     return _WritebackStream(stream, fd, function)

@@ -7,7 +7,7 @@ import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Generator, List, Union
+from typing import Any, Generator, List, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -87,12 +87,19 @@ class FileSystem(FileSystemBase):
             os.close(fd)
 
 
+def file_descriptor(stream: Any) -> Optional[int]:
+    """The OS file descriptor behind ``stream``, or None where it has none."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
 def fsync_stream(stream: io.IOBase) -> None:
     """Flush then fsync; a stream with no file number gets a warning (torch 2.15 semantics)."""
     stream.flush()
-    try:
-        fileno = stream.fileno()
-    except (AttributeError, io.UnsupportedOperation, OSError):
+    fileno = file_descriptor(stream)
+    if fileno is None:
         warnings.warn(
             f"sync_files=True but {type(stream).__name__} has no file descriptor to fsync; "
             "its data may not be durable",

@@ -28,7 +28,7 @@ from ._format import (
     transform_descriptors_of,
 )
 from ._gc import gc_paused
-from ._parallel import file_descriptor, pread_into, worker_count
+from ._parallel import pread_into, preadv_descriptor, worker_count
 from ._safe_pickle import load_metadata
 from ._torch_save import ZIP_MAGIC, PlainTensor, crc_error, load_tensor, plain_storage
 from .fs import FileSystem, PathLike
@@ -55,7 +55,7 @@ class _DataFile:
         self.name = name
         stream.seek(0, os.SEEK_END)
         self.size = stream.tell()
-        self.fd = file_descriptor(stream)
+        self.fd = preadv_descriptor(stream)
         self.files_at_once = files_at_once
         self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
 
