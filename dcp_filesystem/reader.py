@@ -200,8 +200,9 @@ class FileSystemReader(StorageReader):
             with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
                 data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads)
                 data_file.safetensors_header(0)  # a damaged header fails here, whichever item comes first
+                file_planner = _Planner(planner, planner_lock)
                 for req, info in reqs:
-                    self._read_item(data_file, req, info, _Planner(planner, planner_lock))
+                    self._read_item(data_file, req, info, file_planner)
 
         if threads == 1:
             for relative_path in per_file:
