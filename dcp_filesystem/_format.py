@@ -175,7 +175,7 @@ def decode_header(
         numel = 1
         for s in shape:
             numel *= s
-        nbytes = numel * _element_size(dtype)
+        nbytes = numel * torch._utils._element_size(dtype)
         if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > file_size:
             raise ValueError(
                 f"{where}: safetensors entry {key!r} has offsets {[begin, end]} that do not fit "
@@ -183,10 +183,6 @@ def decode_header(
             )
         entries[key] = SafetensorsEntry(dtype, shape, data_start + begin, data_start + end)
     return SafetensorsHeader(data_start, entries, metadata if isinstance(metadata, dict) else {})
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def byte_io_keys(header: SafetensorsHeader) -> List[str]:

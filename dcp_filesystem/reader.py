@@ -8,7 +8,7 @@ import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
@@ -38,6 +38,15 @@ logger = logging.getLogger("dcp_filesystem")
 # torch.save archives this large are read straight into their destination: first their edges, then the storage.
 _IN_PLACE_ARCHIVE_BYTES = 1 << 20
 _ARCHIVE_EDGE_BYTES = 16 << 10
+# Neighbouring items smaller than this are read together, up to _RUN_BYTES in one call, then served from memory.
+_SMALL_ITEM_BYTES = 64 << 10
+_RUN_BYTES = 4 << 20
+
+
+def _describe(req: ReadItem) -> str:
+    """How error messages name an item: its key, and its chunk's offsets where it has them."""
+    index = req.storage_index
+    return f"{index.fqn!r}" if index.offset is None else f"{index.fqn!r} (chunk at {list(index.offset)})"
 
 
 def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
@@ -48,7 +57,10 @@ def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
 
 
 class _DataFile:
-    """One open data file: positioned reads, and its safetensors headers parsed once."""
+    """One open data file: positioned reads, and its safetensors headers parsed once.
+
+    After ``read_ahead(start, end)``, reads that lie within that range are served from memory.
+    """
 
     def __init__(self, stream: IO[bytes], name: str, files_at_once: int) -> None:
         self.stream = stream
@@ -58,8 +70,27 @@ class _DataFile:
         self.fd = preadv_descriptor(stream)
         self.files_at_once = files_at_once
         self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
+        self._ahead_start = 0
+        self._ahead = memoryview(b"")
+
+    def read_ahead(self, start: int, end: int) -> None:
+        start, end = max(start, 0), min(end, self.size)  # ranges outside the file fail where they are read
+        buffer = memoryview(bytearray(max(end - start, 0)))
+        self._ahead_start, self._ahead = 0, memoryview(b"")
+        got, _ = self.readinto_with_crc(start, buffer, False)
+        self._ahead_start, self._ahead = start, buffer[:got]
+
+    def _read_ahead_part(self, offset: int, length: int) -> Optional[memoryview]:
+        begin = offset - self._ahead_start
+        if begin < 0 or begin + length > len(self._ahead):
+            return None
+        return self._ahead[begin : begin + length]
 
     def readinto_at(self, offset: int, view: memoryview) -> int:
+        part = self._read_ahead_part(offset, len(view))
+        if part is not None:
+            view[:] = part
+            return len(view)
         self.stream.seek(offset)
         got = 0
         while got < len(view):
@@ -71,6 +102,10 @@ class _DataFile:
 
     def readinto_with_crc(self, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
         """Fill ``view`` from ``offset``: (bytes read, their CRC-32 or 0), on several cores where possible."""
+        part = self._read_ahead_part(offset, len(view))
+        if part is not None:
+            view[:] = part
+            return len(view), crc32(part) if with_crc else 0
         if self.fd is not None:
             return pread_into(self.fd, offset, view, with_crc, self.files_at_once)
         got = self.readinto_at(offset, view)
@@ -81,18 +116,20 @@ class _DataFile:
         got = self.readinto_at(offset, memoryview(buffer))
         return buffer if got == length else buffer[:got]
 
-    def check_range(self, offset: int, length: int, item: str) -> None:
+    def check_range(self, offset: int, length: int, req: ReadItem) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(
-                f"{self.name}: item {item} needs bytes [{offset}, {offset + length}) "
+                f"{self.name}: item {_describe(req)} needs bytes [{offset}, {offset + length}) "
                 f"but the file has {self.size} bytes (truncated or damaged checkpoint)"
             )
 
-    def read_exact(self, offset: int, length: int, item: str) -> bytearray:
-        self.check_range(offset, length, item)
+    def read_exact(self, offset: int, length: int, req: ReadItem) -> bytearray:
+        self.check_range(offset, length, req)
         buffer = self.read_at(offset, length)
         if len(buffer) != length:
-            raise ValueError(f"{self.name}: item {item}: read {len(buffer)} of {length} bytes at offset {offset}")
+            raise ValueError(
+                f"{self.name}: item {_describe(req)}: read {len(buffer)} of {length} bytes at offset {offset}"
+            )
         return buffer
 
     def safetensors_header(self, base: int) -> Optional[SafetensorsHeader]:
@@ -106,29 +143,44 @@ class _DataFile:
         return self._headers[base]
 
 
+def _entry_keys(req: ReadItem) -> Iterator[str]:
+    """The safetensors keys an item may be stored under: its fqn, or fqn@offsets where one file holds
+    several chunks of a tensor."""
+    index = req.storage_index
+    yield index.fqn
+    if index.offset is not None:
+        yield f"{index.fqn}@{','.join(str(o) for o in index.offset)}"
+
+
 def _find_entry(header: SafetensorsHeader, req: ReadItem, begin: int, end: int) -> Optional[SafetensorsEntry]:
-    fqn = req.storage_index.fqn
-    offsets = req.storage_index.offset
-    candidates = [fqn]
-    if offsets is not None:
-        candidates.append(f"{fqn}@{','.join(str(o) for o in offsets)}")
-    for key in candidates:
+    for key in _entry_keys(req):
         entry = header.entries.get(key)
         if entry is not None and entry.begin == begin and entry.end == end:
             return entry
     return None
 
 
-class _Planner:
-    """A LoadPlanner whose calls hold ``lock`` when reads run in several threads."""
+def _run_end(reqs: List[Tuple[ReadItem, Any]], first: int) -> int:
+    """Where the run of small neighbouring items that starts at ``reqs[first]`` ends (reqs sorted by offset)."""
+    start = end = reqs[first][1].offset
+    for n in range(first, len(reqs)):
+        info = reqs[n][1]
+        stop = info.offset + info.length
+        if info.length >= _SMALL_ITEM_BYTES or info.offset > end + _SMALL_ITEM_BYTES or stop - start > _RUN_BYTES:
+            break
+        end = max(end, stop)
+    return end
 
-    def __init__(self, planner: LoadPlanner, lock: Optional[threading.Lock]) -> None:
+
+class _LockedPlanner:
+    """A LoadPlanner whose calls hold ``lock``: reads run in several threads, and planners are not
+    promised to be thread-safe."""
+
+    def __init__(self, planner: LoadPlanner, lock: threading.Lock) -> None:
         self.planner = planner
         self.lock = lock
 
     def _call(self, method: str, *args: Any) -> Any:
-        if self.lock is None:
-            return getattr(self.planner, method)(*args)
         with self.lock:
             return getattr(self.planner, method)(*args)
 
@@ -192,16 +244,18 @@ class FileSystemReader(StorageReader):
             per_file.setdefault(info.relative_path, []).append((req, info))
         stored_bytes = sum(info.length for reqs in per_file.values() for _, info in reqs)
         threads = worker_count(self.thread_count, len(per_file), stored_bytes)
-        # Planners are not promised to be thread-safe: their calls are serialised.
-        planner_lock = threading.Lock() if threads > 1 else None
+        file_planner = planner if threads == 1 else _LockedPlanner(planner, threading.Lock())
 
         def read_file(relative_path: str) -> None:
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
             with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
                 data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads)
                 data_file.safetensors_header(0)  # a damaged header fails here, whichever item comes first
-                file_planner = _Planner(planner, planner_lock)
-                for req, info in reqs:
+                read_until = 0
+                for n, (req, info) in enumerate(reqs):
+                    if info.length < _SMALL_ITEM_BYTES and info.offset + info.length > read_until:
+                        read_until = _run_end(reqs, n)
+                        data_file.read_ahead(info.offset, read_until)
                     self._read_item(data_file, req, info, file_planner)
 
         if threads == 1:
@@ -240,15 +294,12 @@ class FileSystemReader(StorageReader):
                 f"{relative_path!r}, which is outside the checkpoint directory {self.path}"
             )
 
-    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: _Planner) -> None:
-        item = f"{req.storage_index.fqn!r}"
-        if req.storage_index.offset is not None:
-            item += f" (chunk at {list(req.storage_index.offset)})"
+    def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
         descriptors = transform_descriptors_of(info)
         raw_tensor = req.type != LoadItemType.BYTE_IO and not descriptors
-        if raw_tensor and self._read_in_place(data_file, req, info, item, planner):
+        if raw_tensor and self._read_in_place(data_file, req, info, planner):
             return
-        payload = data_file.read_exact(info.offset, info.length, item)
+        payload = data_file.read_exact(info.offset, info.length, req)
         try:
             if descriptors:
                 stream = self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload))
@@ -258,18 +309,18 @@ class FileSystemReader(StorageReader):
                 return
             tensor = self._decode_tensor(data_file, req, info, payload, bool(descriptors))
         except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"{data_file.name}: cannot read item {item}: {e}") from e
+            raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
         tensor = _narrow(tensor, req.storage_offsets, req.lengths)
         target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
             raise ValueError(
-                f"{data_file.name}: item {item} has size {list(tensor.size())} "
+                f"{data_file.name}: item {_describe(req)} has size {list(tensor.size())} "
                 f"but the load plan expects {list(target.size())}"
             )
         target.copy_(tensor)
         planner.commit_tensor(req, target)
 
-    def _plain_tensor(self, data_file: _DataFile, req: ReadItem, info: Any, item: str) -> Optional[PlainTensor]:
+    def _plain_tensor(self, data_file: _DataFile, req: ReadItem, info: Any) -> Optional[PlainTensor]:
         """Where the item lies as a plain run of bytes: a whole safetensors entry, or a large torch.save storage."""
         header = data_file.safetensors_header(0)
         if header is not None and info.offset >= header.data_start:
@@ -277,19 +328,19 @@ class FileSystemReader(StorageReader):
             return None if entry is None else PlainTensor(entry.dtype, entry.shape, info.offset, info.length, 0, "")
         if info.length < _IN_PLACE_ARCHIVE_BYTES:
             return None
-        data_file.check_range(info.offset, info.length, item)
-        head = data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, item)
+        data_file.check_range(info.offset, info.length, req)
+        head = data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, req)
         tail_offset = info.offset + info.length - _ARCHIVE_EDGE_BYTES
-        tail = data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, item)
+        tail = data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, req)
         try:
             plain = plain_storage(memoryview(head), memoryview(tail), info.length)
         except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"{data_file.name}: cannot read item {item}: {e}") from e
+            raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
         return None if plain is None else plain._replace(start=info.offset + plain.start)
 
-    def _read_in_place(self, data_file: _DataFile, req: ReadItem, info: Any, item: str, planner: _Planner) -> bool:
+    def _read_in_place(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> bool:
         """Read a whole stored tensor straight into its destination; False where that cannot be done."""
-        plain = self._plain_tensor(data_file, req, info, item)
+        plain = self._plain_tensor(data_file, req, info)
         if plain is None or any(req.storage_offsets) or tuple(req.lengths) != plain.size:
             return False
         target = planner.resolve_tensor(req).detach()
@@ -297,18 +348,18 @@ class FileSystemReader(StorageReader):
             return False
         if tuple(target.size()) != plain.size:
             raise ValueError(
-                f"{data_file.name}: item {item} has size {list(plain.size)} "
+                f"{data_file.name}: item {_describe(req)} has size {list(plain.size)} "
                 f"but the load plan expects {list(target.size())}"
             )
-        data_file.check_range(plain.start, plain.nbytes, item)
+        data_file.check_range(plain.start, plain.nbytes, req)
         view = tensor_bytes(target)
         got, crc = data_file.readinto_with_crc(plain.start, view, bool(plain.crc))
         if got != plain.nbytes:
             raise ValueError(
-                f"{data_file.name}: item {item}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
+                f"{data_file.name}: item {_describe(req)}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
             )
         if plain.crc and crc != plain.crc:
-            raise ValueError(f"{data_file.name}: cannot read item {item}: {crc_error(plain.member)}")
+            raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {crc_error(plain.member)}")
         planner.commit_tensor(req, target)
         return True
 
@@ -329,7 +380,7 @@ class FileSystemReader(StorageReader):
                 entry = stock.entries.get(req.storage_index.fqn) if stock is not None else None
                 if entry is None:
                     raise ValueError("payload is neither a torch.save archive nor a safetensors entry")
-                raw = data_file.read_exact(entry.begin, entry.end - entry.begin, repr(req.storage_index.fqn))
+                raw = data_file.read_exact(entry.begin, entry.end - entry.begin, req)
                 return tensor_from_bytes(raw, entry.dtype, entry.shape)
         return load_tensor(payload)
 
