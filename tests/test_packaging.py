@@ -4,6 +4,7 @@ import re
 import site
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -57,6 +58,10 @@ def test_build_makes_one_sdist_and_one_wheel_of_the_package_alone(clone, dist):
     package = sorted(n for n in names if not n.startswith(f"dcp_filesystem-{v}.dist-info/"))
     sources = [n for n in os.listdir(os.path.join(clone, "dcp_filesystem")) if n.endswith(".py") or n == "py.typed"]
     assert package == sorted("dcp_filesystem/" + name for name in sources)
+    # The BSD-3-Clause text that setup.cfg declares travels with both (dist-info/ or dist-info/licenses/).
+    assert [n for n in names if n.startswith(f"dcp_filesystem-{v}.dist-info/") and n.endswith("/LICENSE")]
+    with tarfile.open(os.path.join(dist, f"dcp_filesystem-{v}.tar.gz")) as sdist:
+        assert f"dcp_filesystem-{v}/LICENSE" in sdist.getnames()
 
 
 def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_path):
