@@ -38,7 +38,7 @@ def _entries(metadata: Metadata) -> List[Dict[str, Any]]:
     for fqn, item in sorted(metadata.state_dict_metadata.items()):
         if isinstance(item, TensorStorageMetadata):
             dtype = item.properties.dtype
-            element_size = torch.empty((), dtype=dtype).element_size()
+            element_size = torch._utils._element_size(dtype)
             row = {
                 "kind": "tensor",
                 "dtype": str(dtype).replace("torch.", ""),

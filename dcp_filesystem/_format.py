@@ -185,5 +185,10 @@ def decode_header(
     return SafetensorsHeader(data_start, entries, metadata if isinstance(metadata, dict) else {})
 
 
+def chunk_key(fqn: str, offsets: Sequence[int]) -> str:
+    """The safetensors key of one chunk of a tensor, where a data file holds several chunks of it."""
+    return f"{fqn}@{','.join(str(o) for o in offsets)}"
+
+
 def byte_io_keys(header: SafetensorsHeader) -> List[str]:
     return json.loads(header.metadata.get(BYTE_IO_KEY, "[]"))

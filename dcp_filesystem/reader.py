@@ -23,6 +23,7 @@ from ._format import (
     SafetensorsEntry,
     SafetensorsHeader,
     _generate_uuid,
+    chunk_key,
     decode_header,
     metadata_file_name,
     transform_descriptors_of,
@@ -149,7 +150,7 @@ def _entry_keys(req: ReadItem) -> Iterator[str]:
     index = req.storage_index
     yield index.fqn
     if index.offset is not None:
-        yield f"{index.fqn}@{','.join(str(o) for o in index.offset)}"
+        yield chunk_key(index.fqn, index.offset)
 
 
 def _find_entry(header: SafetensorsHeader, req: ReadItem, begin: int, end: int) -> Optional[SafetensorsEntry]:

@@ -36,6 +36,7 @@ from ._format import (
     _generate_uuid,
     _StorageInfo,
     _StoragePrefix,
+    chunk_key,
     encode_header,
     metadata_file_name,
     safetensors_dtype_name,
@@ -153,7 +154,7 @@ def _safetensors_layout(
         key = wi.index.fqn
         if fqn_counts[key] > 1:
             # Several chunks of one tensor in one file: one key each, named by offsets.
-            key = f"{key}@{','.join(str(o) for o in offsets)}"
+            key = chunk_key(key, offsets)
         nbytes = _chunk_nbytes(wi)
         entries.append((key, wi.tensor_data.properties.dtype, tuple(wi.tensor_data.chunk.sizes), nbytes))
         layout[id(wi)] = (key, nbytes)
