@@ -9,6 +9,7 @@ every tensor is compared bit for bit and every other value with ``==``, and this
 checkpoints are checked with ``python -m dcp_filesystem verify``. One row per writer is printed;
 the exit status is 1 if any row fails.
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,18 +70,24 @@ def trained(seed, lr, steps):
     return model, optim
 
 
-# torch 2.1 has no dcp.save / dcp.load; its save_state_dict / load_state_dict need no_dist=True in one process.
+# dcp.save / dcp.load in one process need torch 2.4 (where torch.distributed.checkpoint.staging
+# arrived): 2.1 has neither, 2.2's dcp.save needs a process group, and 2.3's dcp.load leaves
+# non-tensor values (the optimizer's lr, betas, ...) out of the caller's dict (pytorch#125528).
+# save_state_dict / load_state_dict with no_dist=True work on all three.
+NEW_ENTRY_POINTS = importlib.util.find_spec("torch.distributed.checkpoint.staging") is not None
+
+
 def save(state_dict, writer):
-    if hasattr(dcp, "save"):
+    if NEW_ENTRY_POINTS:
         dcp.save(state_dict, storage_writer=writer)
-    else:  # torch 2.1
+    else:
         dcp.save_state_dict(state_dict, storage_writer=writer, no_dist=True)
 
 
 def load(state_dict, reader):
-    if hasattr(dcp, "load"):
+    if NEW_ENTRY_POINTS:
         dcp.load(state_dict, storage_reader=reader)
-    else:  # torch 2.1
+    else:
         dcp.load_state_dict(state_dict, storage_reader=reader, no_dist=True)
 
 

@@ -4,7 +4,10 @@ import sys
 # Test the checkout itself, whatever is installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
+from helpers import HAS_ASYNC_SAVE, async_save_needs_process_group, one_rank_process_group  # noqa: E402
 
 from dcp_filesystem import _parallel  # noqa: E402
 
@@ -16,3 +19,12 @@ def threads_even_for_small_checkpoints(monkeypatch):
     """Test checkpoints are small; without this, thread_count > 1 would run them on one thread
     (tests/test_threads.py checks that policy) and the threaded paths would go untested."""
     monkeypatch.setattr(_parallel, "_BYTES_PER_THREAD", 1)
+
+
+@pytest.fixture
+def async_save_group():
+    """Where dcp.async_save runs: skipped without it, in a one-rank process group where torch demands one (2.3)."""
+    if not HAS_ASYNC_SAVE:
+        pytest.skip("this torch has no torch.distributed.checkpoint.async_save")
+    with one_rank_process_group() if async_save_needs_process_group() else contextlib.nullcontext():
+        yield

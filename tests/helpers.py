@@ -1,39 +1,167 @@
-"""Shared test helpers: DCP entry points on every torch, and clean subprocesses."""
+"""Shared test helpers: DCP entry points on every torch, what stock torch does there, clean subprocesses.
+
+The probes below are the tests' one source of what the running torch's DCP does: each runs stock
+torch's own writer and reader once (cached) and reports the behaviour, never a version number.
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import inspect
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as torch_fs
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 HAS_DCP_SAVE = hasattr(dcp, "save")
+HAS_ASYNC_SAVE = hasattr(dcp, "async_save")
+SAVE_HAS_USE_COLLECTIVES = HAS_DCP_SAVE and "use_collectives" in inspect.signature(dcp.save).parameters
+STOCK_HAS_SERIALIZATION_FORMAT = hasattr(torch_fs, "SerializationFormat")  # torch 2.8+
+STOCK_HAS_EXTENSION = importlib.util.find_spec("torch.distributed.checkpoint._extension") is not None  # 2.7+
+# dcp.async_save stages through the writer (an AsyncStager) from torch 2.4; 2.3's copies to CPU itself.
+ASYNC_SAVE_STAGES_WITH_WRITER = importlib.util.find_spec("torch.distributed.checkpoint.staging") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def dcp_save(state_dict, storage_writer, **kwargs):
-    """dcp.save, or save_state_dict(no_dist=True) on torch 2.1."""
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def one_rank_process_group():
+    """A gloo group of one process, for DCP entry points that insist on a process group."""
+    if _in_process_group():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _stock_probe(probe):
+    """Cache a probe of stock torch; it saves to a private temporary folder, so it must run before a
+    process group exists (see probe_stock_torch)."""
+    cached = functools.cache(probe)
+
+    @functools.wraps(probe)
+    def run():
+        if cached.cache_info().currsize == 0 and _in_process_group():
+            raise RuntimeError(f"helpers.{probe.__name__}() first runs inside a process group: "
+                               "call helpers.probe_stock_torch() before init_process_group")
+        return cached()
+
+    return run
+
+
+def _quietly(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if HAS_DCP_SAVE:
-            return dcp.save(state_dict, storage_writer=storage_writer, **kwargs)
-        no_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        return dcp.save_state_dict(state_dict, storage_writer=storage_writer, no_dist=no_dist, **kwargs)
+        return fn(*args, **kwargs)
+
+
+def _call(fn, quiet, *args, **kwargs):
+    return _quietly(fn, *args, **kwargs) if quiet else fn(*args, **kwargs)
+
+
+@_stock_probe
+def save_needs_process_group() -> bool:
+    """torch 2.2's dcp.save exists but still needs a process group; 2.3+ runs without one."""
+    if not HAS_DCP_SAVE:
+        return True
+    with tempfile.TemporaryDirectory() as path:
+        try:
+            _quietly(dcp.save, {"x": torch.zeros(1)}, storage_writer=torch_fs.FileSystemWriter(path))
+        except (ValueError, RuntimeError) as e:
+            if "process group" not in str(e):
+                raise
+            return True
+    return False
+
+
+@_stock_probe
+def async_save_needs_process_group() -> bool:
+    """torch 2.3's dcp.async_save demands a process group; 2.4+ runs without one."""
+    with tempfile.TemporaryDirectory() as path:
+        try:
+            _quietly(dcp.async_save, {"x": torch.zeros(1)}, storage_writer=torch_fs.FileSystemWriter(path)).result()
+        except (ValueError, RuntimeError, AssertionError) as e:
+            if "process group" not in str(e) and "torch.distributed" not in str(e):
+                raise
+            return True
+    return False
+
+
+def _single_process_dcp() -> bool:
+    """dcp.save/dcp.load can run here: they exist, and a process group is up or not needed."""
+    return HAS_DCP_SAVE and (_in_process_group() or not save_needs_process_group())
+
+
+def dcp_save(state_dict, storage_writer, quiet=True, **kwargs):
+    """dcp.save where it can run, else save_state_dict(no_dist=True) (torch 2.1, 2.2 outside a process group);
+    warnings silenced unless ``quiet=False``."""
+    if _single_process_dcp():
+        return _call(dcp.save, quiet, state_dict, storage_writer=storage_writer, **kwargs)
+    return _call(dcp.save_state_dict, quiet, state_dict, storage_writer=storage_writer,
+                 no_dist=not _in_process_group(), **kwargs)
+
+
+def _load(state_dict, storage_reader, use_dcp_load, **kwargs):
+    if use_dcp_load and _single_process_dcp():
+        return _quietly(dcp.load, state_dict, storage_reader=storage_reader, **kwargs)
+    return _quietly(dcp.load_state_dict, state_dict, storage_reader=storage_reader,
+                    no_dist=not _in_process_group(), **kwargs)
+
+
+@_stock_probe
+def load_writes_back_values() -> bool:
+    """Whether dcp.load puts non-tensor values into the caller's dict (not on torch 2.3: pytorch#125528)."""
+    with tempfile.TemporaryDirectory() as path:
+        dcp_save({"t": torch.ones(1), "step": 7}, torch_fs.FileSystemWriter(path))
+        out = {"t": torch.zeros(1), "step": None}
+        _load(out, torch_fs.FileSystemReader(path), use_dcp_load=True)
+    return out["step"] == 7
 
 
 def dcp_load(state_dict, storage_reader, **kwargs):
-    """dcp.load, or load_state_dict(no_dist=True) on torch 2.1."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if HAS_DCP_SAVE:
-            return dcp.load(state_dict, storage_reader=storage_reader, **kwargs)
-        no_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        return dcp.load_state_dict(state_dict, storage_reader=storage_reader, no_dist=no_dist, **kwargs)
+    """dcp.load, or load_state_dict where dcp.load is missing, cannot run, or leaves non-tensor
+    values out of the caller's dict (torch 2.3; its load_state_dict puts them in)."""
+    return _load(state_dict, storage_reader, use_dcp_load=load_writes_back_values(), **kwargs)
+
+
+class _MetadataFails(torch_fs.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        raise ValueError("probe: this metadata cannot be read")
+
+
+@_stock_probe
+def load_passes_on_metadata_errors() -> bool:
+    """Whether the error read_metadata raises reaches the caller of a load (torch 2.9-2.11: 'metadata is None')."""
+    with tempfile.TemporaryDirectory() as path:
+        try:
+            dcp_load({"t": torch.zeros(1)}, _MetadataFails(path))
+        except BaseException as e:  # CheckpointException derives from BaseException
+            return "probe: this metadata cannot be read" in str(e)
+    raise AssertionError("a load whose read_metadata raised did not fail")
+
+
+def probe_stock_torch() -> None:
+    """Run every probe of stock torch now (in a worker, before it joins a process group)."""
+    save_needs_process_group()
+    load_writes_back_values()
+    load_passes_on_metadata_errors()
+    if HAS_ASYNC_SAVE:
+        async_save_needs_process_group()
 
 
 def zeros_like_state(state_dict):
@@ -81,8 +209,9 @@ def assert_state_equal(expected, actual, path="state"):
 
 
 def run_clean_python(code: str, cwd: str, env_extra=None, python: str = sys.executable) -> str:
-    """Run code in a fresh interpreter that cannot import this checkout; returns stdout."""
+    """Run code in a fresh interpreter that cannot import this checkout (only these helpers); returns stdout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.join(REPO, "tests")
     env.update(env_extra or {})
     proc = subprocess.run(
         [python, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300

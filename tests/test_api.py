@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import REPO, run_clean_python
+from helpers import REPO, STOCK_HAS_EXTENSION, STOCK_HAS_SERIALIZATION_FORMAT, run_clean_python
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 import dcp_filesystem
@@ -138,8 +138,8 @@ SEED_FUNCTIONS = {
         "serialization_format",
     ],
 }
-TORCH_HAS_FORMAT = hasattr(torch_fs, "SerializationFormat")
-TORCH_HAS_EXTENSION = importlib.util.find_spec("torch.distributed.checkpoint._extension") is not None
+TORCH_HAS_FORMAT = STOCK_HAS_SERIALIZATION_FORMAT
+TORCH_HAS_EXTENSION = STOCK_HAS_EXTENSION
 TORCH_INFO_HAS_TRANSFORMS = "transform_descriptors" in {f.name for f in dataclasses.fields(torch_fs._StorageInfo)}
 
 

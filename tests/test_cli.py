@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import REPO, dcp_save
+from helpers import REPO, STOCK_HAS_SERIALIZATION_FORMAT, dcp_save
 from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _cli
@@ -146,7 +146,7 @@ def _zstd_writer(path):
     return FileSystemWriter(path, _extensions=[ZStandard()])
 
 
-HAS_STOCK_SAFETENSORS = hasattr(torch_fs, "SerializationFormat") and HAS_SAFETENSORS
+HAS_STOCK_SAFETENSORS = STOCK_HAS_SERIALIZATION_FORMAT and HAS_SAFETENSORS
 HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 
 

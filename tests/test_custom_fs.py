@@ -12,8 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from helpers import HAS_DCP_SAVE, assert_state_equal, dcp_load, dcp_save, zeros_like_state
+from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 
 from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
 from dcp_filesystem.transforms import ZStandard
@@ -162,9 +161,7 @@ class RecordingFS(FileSystemBase):
 
 def _raw_save(state, writer):
     """dcp save without the helper's warning suppression, so warnings reach pytest."""
-    if HAS_DCP_SAVE:
-        return dcp.save(state, storage_writer=writer)
-    return dcp.save_state_dict(state, storage_writer=writer, no_dist=True)
+    return dcp_save(state, writer, quiet=False)
 
 
 @pytest.mark.parametrize("mode", MODES)

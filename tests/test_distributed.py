@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import subprocess
@@ -12,8 +11,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from helpers import REPO, assert_state_equal, load_rank_local, save_rank_local
+from helpers import REPO, SAVE_HAS_USE_COLLECTIVES, assert_state_equal, load_rank_local, save_rank_local
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
@@ -35,7 +33,6 @@ def _dtensor_api():
 
 
 HAS_DTENSOR = dist.is_available() and _dtensor_api() is not None
-HAS_USE_COLLECTIVES = hasattr(dcp, "save") and "use_collectives" in inspect.signature(dcp.save).parameters
 
 
 def full_tensor():
@@ -57,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
-from helpers import dcp_load, dcp_save
+from helpers import SAVE_HAS_USE_COLLECTIVES, dcp_load, dcp_save, probe_stock_torch
 from test_distributed import _dtensor_api, full_tensor, replicated_tensor
 
 try:
@@ -75,6 +72,7 @@ except RuntimeError:
 
     _c10d._tensor_to_object = _tensor_to_object
 
+probe_stock_torch()
 dist.init_process_group("gloo", init_method="file://" + INIT, rank=RANK, world_size=2)
 api = _dtensor_api()
 Shard, distribute_tensor = api.Shard, api.distribute_tensor
@@ -128,7 +126,7 @@ for fmt in ("torch_save", "safetensors"):
     results[fmt + "/plain"] = describe(target)
     dist.barrier()
 
-if hasattr(dcp, "save") and "use_collectives" in inspect.signature(dcp.save).parameters:
+if SAVE_HAS_USE_COLLECTIVES:
     path = os.path.join(OUT, "rank_local")
     dcp.save(source(), storage_writer=FileSystemWriter(path), use_collectives=False)
     dist.barrier()
@@ -253,7 +251,7 @@ def test_load_into_plain_full_tensors(two_ranks, fmt):
 
 
 def test_rank_local_metadata_through_dcp_save(two_ranks):
-    if not HAS_USE_COLLECTIVES:
+    if not SAVE_HAS_USE_COLLECTIVES:
         pytest.skip("this torch's dcp.save has no use_collectives argument")
     out, results = two_ranks
     expected = ["__0.metadata", "__0_0.distcp", "__1.metadata", "__1_0.distcp"]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from helpers import HAS_DCP_SAVE, assert_state_equal, dcp_load, dcp_save
+from helpers import assert_state_equal, dcp_load, dcp_save
 
 import dcp_filesystem.fs as fs_module
 from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
@@ -40,10 +39,7 @@ def _save_with_warnings(state, writer):
     """Like helpers.dcp_save, but returns the warnings raised (helpers.dcp_save silences them)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if HAS_DCP_SAVE:
-            dcp.save(state, storage_writer=writer)
-        else:
-            dcp.save_state_dict(state, storage_writer=writer, no_dist=True)
+        dcp_save(state, writer, quiet=False)
     return caught
 
 

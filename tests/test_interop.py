@@ -1,19 +1,27 @@
 """Interoperability with stock torch.distributed.checkpoint, in processes that never import dcp_filesystem."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import assert_state_equal, contiguous_state, dcp_load, dcp_save, run_clean_python, zeros_like_state
+from helpers import (
+    STOCK_HAS_EXTENSION,
+    STOCK_HAS_SERIALIZATION_FORMAT,
+    assert_state_equal,
+    contiguous_state,
+    dcp_load,
+    dcp_save,
+    run_clean_python,
+    zeros_like_state,
+)
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
-HAS_EXTENSION = importlib.util.find_spec("torch.distributed.checkpoint._extension") is not None
-HAS_SERIALIZATION_FORMAT = hasattr(torch_fs, "SerializationFormat")
+HAS_EXTENSION = STOCK_HAS_EXTENSION
+HAS_SERIALIZATION_FORMAT = STOCK_HAS_SERIALIZATION_FORMAT
 needs_extension = pytest.mark.skipif(
     not HAS_EXTENSION, reason="this torch has no torch.distributed.checkpoint._extension (ZStandard)"
 )
@@ -29,19 +37,8 @@ warnings.simplefilter("ignore")
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter, _StorageInfo
+from helpers import dcp_load, dcp_save
 assert importlib.util.find_spec("dcp_filesystem") is None, "dcp_filesystem is importable in the clean process"
-
-def dcp_save(sd, writer):
-    if hasattr(dcp, "save"):
-        dcp.save(sd, storage_writer=writer)
-    else:
-        dcp.save_state_dict(sd, storage_writer=writer, no_dist=True)
-
-def dcp_load(sd, reader):
-    if hasattr(dcp, "load"):
-        dcp.load(sd, storage_reader=reader)
-    else:
-        dcp.load_state_dict(sd, storage_reader=reader, no_dist=True)
 
 def zeros(sd):
     if isinstance(sd, torch.Tensor):

@@ -95,6 +95,7 @@ def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_pat
         import torch.distributed.checkpoint as dcp
         import dcp_filesystem
         from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+        from helpers import dcp_load, dcp_save
 
         warnings.simplefilter("ignore")
         print(os.path.realpath(dcp_filesystem.__file__))
@@ -102,12 +103,8 @@ def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_pat
             saved = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": 7}
             loaded = {"w": torch.zeros(2, 3), "n": 0}
             writer, reader = FileSystemWriter(fmt.name, serialization_format=fmt), FileSystemReader(fmt.name)
-            if hasattr(dcp, "save"):
-                dcp.save(saved, storage_writer=writer)
-                dcp.load(loaded, storage_reader=reader)
-            else:
-                dcp.save_state_dict(saved, storage_writer=writer, no_dist=True)
-                dcp.load_state_dict(loaded, storage_reader=reader, no_dist=True)
+            dcp_save(saved, writer)
+            dcp_load(loaded, reader)
             print(fmt.name, loaded["w"].tolist(), loaded["n"])
         """,
         cwd=str(tmp_path), python=python,

@@ -79,13 +79,34 @@ def assert_valid_safetensors(path, expected_by_key):
     return seen
 
 
+def safetensors_library_knows(dtype_name, tmp_path):
+    """Whether this safetensors library's safe_open reads the dtype (0.7.0, what Python 3.9 gets,
+    lacks F8_E4M3FNUZ and F8_E5M2FNUZ)."""
+    from safetensors import safe_open
+
+    size = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype_name]).element_size()
+    header = json.dumps({"t": {"dtype": dtype_name, "shape": [1], "data_offsets": [0, size]}}).encode()
+    probe = tmp_path / "probe.safetensors"
+    probe.write_bytes(len(header).to_bytes(8, "little") + header + bytes(size))
+    try:
+        with safe_open(str(probe), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # the library's own error type differs between versions
+        assert dtype_name in str(e) or "variant" in str(e), e
+        return False
+    return True
+
+
 @pytest.mark.parametrize("name", sorted(SAFETENSORS_DTYPES))
 def test_every_safetensors_dtype_round_trips_bit_exact(tmp_path, name):
     dtype = SAFETENSORS_DTYPES[name]
     state = {"t": random_tensor(dtype, (3, 5), seed=1), "scalar": random_tensor(dtype, (), seed=2)}
     path = save(tmp_path, state)
     assert_state_equal(state, load(path, state))
-    assert_valid_safetensors(path, state)
+    if safetensors_library_knows(name, tmp_path):
+        assert_valid_safetensors(path, state)
+    else:  # the only dtypes an older library is known to lack
+        assert name in ("F8_E4M3FNUZ", "F8_E5M2FNUZ"), name
 
 
 @pytest.mark.parametrize("numel", [0, 1, 257, 1 << 20])

@@ -31,9 +31,8 @@ def small_state(i, n=8):
     return dict({f"t{k}": torch.full((16, 16), float(i * 100 + k)) for k in range(n)}, step=i)
 
 
-@pytest.mark.skipif(not hasattr(dcp, "async_save"), reason="this torch has no dcp.async_save")
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count open files")
-def test_fifty_async_saves_with_one_stager(tmp_path):
+def test_fifty_async_saves_with_one_stager(tmp_path, async_save_group):
     writer = FileSystemWriter(tmp_path / "unused", cache_staged_state_dict=True, thread_count=2)
     baseline = resources()
     for i in range(50):

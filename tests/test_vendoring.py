@@ -21,6 +21,9 @@ assert importlib.util.find_spec("dcp_filesystem") is None, "top-level dcp_filesy
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as tfs
+from helpers import dcp_save, probe_stock_torch
+
+probe_stock_torch()  # its stock saves may set torch's lazy module attributes: before the snapshot
 
 def snapshot(module):
     return {k: id(v) for k, v in vars(module).items()}
@@ -57,10 +60,7 @@ state = {
 torch.save({"w": state["w"], "h": state["h"], "i": state["i"].contiguous(),
             "nested": state["nested"], "step": 9}, "expected.pt")
 writer = dcpfs.FileSystemWriter("ckpt", thread_count=2)
-if hasattr(dcp, "save"):
-    dcp.save(state, storage_writer=writer)
-else:
-    dcp.save_state_dict(state, storage_writer=writer, no_dist=True)
+dcp_save(state, writer)
 assert "dcp_filesystem" not in sys.modules
 assert [snapshot(m) for m in modules] == before, "saving with the vendored copy changed torch's modules"
 print(json.dumps(new_modules))
@@ -73,6 +73,7 @@ assert importlib.util.find_spec("dcp_filesystem") is None
 assert importlib.util.find_spec("mypkg") is None
 import torch
 import torch.distributed.checkpoint as dcp
+from helpers import dcp_load
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 ckpt = {ckpt!r}
 expected = torch.load({expected!r})
@@ -105,10 +106,7 @@ def same(e, a):
         assert e == a, (e, a)
 
 target = zeros(expected)
-if hasattr(dcp, "load"):
-    dcp.load(target, storage_reader=FileSystemReader(ckpt))
-else:
-    dcp.load_state_dict(target, storage_reader=FileSystemReader(ckpt), no_dist=True)
+dcp_load(target, FileSystemReader(ckpt))
 same(expected, target)
 assert "dcp_filesystem" not in sys.modules and "mypkg" not in sys.modules
 print("LOADED", len(md.storage_data))
