@@ -22,6 +22,29 @@ STORAGE_INFO_HAS_TRANSFORMS = "transform_descriptors" in {
 StorageMeta: Optional[type] = getattr(_torch_metadata, "StorageMeta", None)
 METADATA_FIELDS = {f.name for f in dataclasses.fields(_torch_metadata.Metadata)}
 
+
+class NewerMetadataValue:
+    """A value of a DCP metadata class that a newer torch pickles and this torch lacks.
+
+    Its fields become plain attributes; this torch's DCP never reads them
+    (``Metadata.storage_meta`` arrived with ``StorageMeta`` in torch 2.4).
+    """
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({fields})"
+
+
+# Classes of torch.distributed.checkpoint.metadata that newer torches write into .metadata.
+METADATA_STAND_INS: dict = {
+    name: type(name, (NewerMetadataValue,), {"__module__": __name__})
+    for name in ("StorageMeta",)
+    if not hasattr(_torch_metadata, name)
+}
+
 TorchSerializationFormat: Optional[type] = getattr(_torch_filesystem, "SerializationFormat", None)
 
 try:

@@ -29,6 +29,8 @@ import torch
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
 from torch.distributed.checkpoint import metadata as _torch_metadata
 
+from . import _compat
+
 _Key = Tuple[str, str]
 
 _lock = threading.Lock()
@@ -66,6 +68,10 @@ def _build_default_map() -> Dict[_Key, Any]:
     for obj in vars(_torch_metadata).values():
         if _is_data_class(obj) and obj.__module__ == meta_module:
             allowed[(meta_module, obj.__qualname__)] = obj
+
+    # Newer torches' classes this torch lacks are read as stand-ins its DCP ignores.
+    for name, stand_in in _compat.METADATA_STAND_INS.items():
+        allowed[(meta_module, name)] = stand_in
 
     # torch 2.1 pickles TensorProperties and MEM_FORMAT_ENCODING from the sharded
     # tensor module; that module still exists (DCP itself imports it) in every torch probed.

@@ -391,8 +391,15 @@ class FileSystemReader(StorageReader):
     @gc_paused()
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as metadata_file:
-            metadata = load_metadata(metadata_file, str(path))
+        try:
+            with self.fs.create_stream(path, "rb") as metadata_file:
+                metadata = load_metadata(metadata_file, str(path))
+        except FileNotFoundError:
+            raise  # dcp.load then tries the rank-local file: not worth a log line
+        except Exception as e:
+            # torch 2.9-2.11's dcp.load drops this error and raises a bare "metadata is None".
+            logger.error("%s", e)
+            raise
         if _compat.StorageMeta is not None:
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = _compat.StorageMeta()
