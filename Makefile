@@ -1,7 +1,10 @@
 # make demo        saves and loads a small GPT model and its AdamW state, every writer, bit-exact
 # make test        the test suite on this machine's torch (creates .venv when absent)
 # make test-gpu    the CUDA tests (marker gpu), with the interpreter in $(GPU_PYTHON)
-# make test-matrix the suite on each (torch, Python) cell, cached venvs outside the repo
+# make test-matrix the suite on the CI spread of (torch, Python) cells, cached venvs outside the repo,
+#                  and checkpoints written on each cell read on the others
+# make test-matrix-all  the same on all fifteen minors 2.1-2.15 (venvs outside the CI spread, 5-7 GB each,
+#                  deleted after their run)
 # make lint        ruff, Python 3.9 target
 # make bench       the benchmark against stock torch and raw file I/O
 
@@ -11,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
 TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff build wheel
 
-.PHONY: venv demo test test-gpu test-matrix lint bench
+.PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench
 
 $(VENV)/.ready:
 	python3 -m venv --system-site-packages $(VENV)
@@ -32,6 +35,9 @@ test-gpu:
 
 test-matrix:
 	python3 tools/matrix.py
+
+test-matrix-all:
+	python3 tools/matrix.py --all
 
 lint: $(VENV)/.ready
 	$(PYTHON) -m ruff check dcp_filesystem tests tools benchmarks examples

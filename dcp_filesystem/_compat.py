@@ -38,6 +38,22 @@ class NewerMetadataValue:
         return f"{type(self).__name__}({fields})"
 
 
+def tensor_properties_from_any_torch(cls: type) -> type:
+    """``cls`` (torch's TensorProperties) for unpickling: newer torches append fields to its
+    pickled state (2.15: ``strides``) that this torch's ``__setstate__`` cannot unpack and its
+    DCP does not use; they are dropped, and the object is an exact ``cls`` again."""
+    known = len(dataclasses.fields(cls))
+
+    class TensorPropertiesFromAnyTorch(cls):  # type: ignore[misc, valid-type]
+        def __setstate__(self, state: Any) -> None:
+            if isinstance(state, tuple) and len(state) > known:
+                state = state[:known]
+            cls.__setstate__(self, state)
+            self.__class__ = cls
+
+    return TensorPropertiesFromAnyTorch
+
+
 # Classes of torch.distributed.checkpoint.metadata that newer torches write into .metadata.
 METADATA_STAND_INS: dict = {
     name: type(name, (NewerMetadataValue,), {"__module__": __name__})

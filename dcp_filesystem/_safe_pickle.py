@@ -94,6 +94,9 @@ def _build_default_map() -> Dict[_Key, Any]:
             allowed[a] = allowed[b]
         elif b not in allowed and a in allowed:
             allowed[b] = allowed[a]
+    for key in aliases[0]:
+        if key in allowed:
+            allowed[key] = _compat.tensor_properties_from_any_torch(allowed[key])
 
     # Storage info of the file system layer, always pickled as torch's own class.
     allowed[(_torch_filesystem.__name__, "_StorageInfo")] = _torch_filesystem._StorageInfo

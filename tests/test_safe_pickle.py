@@ -431,3 +431,22 @@ def test_newer_storage_meta_is_read_on_every_torch(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(pickle.UnpicklingError, match="torch.distributed.checkpoint.metadata.StorageMetaV9"):
         FileSystemReader(path).read_metadata()
+
+
+def test_tensor_properties_with_fields_a_newer_torch_appends(tmp_path, monkeypatch):
+    """torch 2.15 appends ``strides`` to TensorProperties' pickled state; older torches could not unpack it."""
+    path = tmp_path / "c"
+    state = save(path)
+    metadata = plain_metadata(path)
+    props_class = type(metadata.state_dict_metadata["model.weight"].properties)
+    own_state = props_class.__getstate__
+    monkeypatch.setattr(props_class, "__getstate__", lambda self: own_state(self) + ("a newer field",))
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    monkeypatch.undo()
+
+    read = FileSystemReader(path).read_metadata()
+    for fqn, item in metadata.state_dict_metadata.items():
+        if hasattr(item, "properties"):
+            assert type(read.state_dict_metadata[fqn].properties) is props_class, fqn
+            assert read.state_dict_metadata[fqn].properties == item.properties, fqn
+    assert_state_equal(state, load_into_zeros(path))
