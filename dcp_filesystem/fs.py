@@ -39,6 +39,25 @@ class FileSystemBase(ABC):
     @abstractmethod
     def rm_file(self, path: PathLike) -> None: ...
 
+    # What a file system can do beyond upstream's abstract methods. The defaults suit an object
+    # store; a file system that can do more says so by overriding them.
+
+    def ls(self, path: PathLike) -> Optional[List[str]]:
+        """The entries of directory ``path``, or None where this file system cannot list them."""
+        return None
+
+    def local_path(self, path: PathLike) -> Optional[str]:
+        """``path`` on the local file system, for checks the OS can answer; None where it is not local."""
+        return None
+
+    def sync_dir(self, path: PathLike) -> None:
+        """Make files created and renamed inside ``path`` durable; nothing to do where there are no directories."""
+        return None
+
+    def rename_replaces(self) -> bool:
+        """Whether ``rename`` replaces an existing destination in one step, so readers never see it missing."""
+        return False
+
 
 class FileSystem(FileSystemBase):
     """The local file system."""
@@ -55,8 +74,10 @@ class FileSystem(FileSystemBase):
         return Path(path)
 
     def rename(self, path: PathLike, new_path: PathLike) -> None:
-        # os.replace is atomic on POSIX: readers see the old file or the new, never neither.
         os.replace(path, new_path)
+
+    def rename_replaces(self) -> bool:
+        return True  # os.replace is atomic on POSIX: readers see the old file or the new, never neither
 
     def mkdir(self, path: PathLike) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -75,11 +96,13 @@ class FileSystem(FileSystemBase):
     def rm_file(self, path: PathLike) -> None:
         Path(path).unlink()
 
-    def ls(self, path: PathLike) -> List[str]:
+    def ls(self, path: PathLike) -> Optional[List[str]]:
         return [str(p) for p in Path(path).iterdir()]
 
+    def local_path(self, path: PathLike) -> Optional[str]:
+        return str(path)
+
     def sync_dir(self, path: PathLike) -> None:
-        """Make renames and creations inside ``path`` durable."""
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

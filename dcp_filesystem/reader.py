@@ -286,8 +286,9 @@ class FileSystemReader(StorageReader):
             or os.path.isabs(relative_path)
             or ".." in parts
         )
-        if not escapes and isinstance(self.fs, FileSystem):
-            root = os.path.realpath(self.path)
+        local = None if escapes else self.fs.local_path(self.path)
+        if local is not None:
+            root = os.path.realpath(local)
             escapes = os.path.commonpath([root, os.path.realpath(os.path.join(root, relative_path))]) != root
         if escapes:
             raise ValueError(

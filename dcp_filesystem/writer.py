@@ -322,9 +322,10 @@ class _FileSystemWriter(StorageWriter):
                 safetensors_dtype_name(wi.tensor_data.properties.dtype, wi.index.fqn)
 
     def _check_path(self) -> None:
-        if not isinstance(self.fs, FileSystem):
+        local = self.fs.local_path(self.path)
+        if local is None:
             return
-        path = Path(self.path)
+        path = Path(local)
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"checkpoint path {self.path} exists and is not a directory")
         existing = next(p for p in (path, *path.absolute().parents) if p.exists())
@@ -446,20 +447,20 @@ class _FileSystemWriter(StorageWriter):
             if self.sync_files:
                 fsync_stream(metadata_file)
         metadata_path = self.metadata_path
-        if not isinstance(self.fs, FileSystem) and self.fs.exists(metadata_path):
-            self.fs.rm_file(metadata_path)  # other file systems may not replace on rename
+        if not self.fs.rename_replaces() and self.fs.exists(metadata_path):
+            self.fs.rm_file(metadata_path)
         self.fs.rename(tmp_path, metadata_path)
-        if self.sync_files and isinstance(self.fs, FileSystem):
+        if self.sync_files:
             self.fs.sync_dir(self.path)
         self._remove_stale_data_files(metadata, rank)
 
     def _remove_stale_data_files(self, metadata: Metadata, rank: Optional[int]) -> None:
         """Delete data files of earlier (or killed) saves that the committed metadata no longer names."""
-        ls = getattr(self.fs, "ls", None)
-        if ls is None:
+        entries = self.fs.ls(self.path)
+        if entries is None:
             return
         referenced = {info.relative_path for info in metadata.storage_data.values()}
-        for entry in ls(self.path):
+        for entry in entries:
             name = os.path.basename(str(entry))
             match = _DATA_FILE.fullmatch(name)
             if match is None or name in referenced or (rank is not None and int(match.group(1)) != rank):

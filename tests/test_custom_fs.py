@@ -326,3 +326,53 @@ def test_bare_write_stream_without_fileno(mode):
     target = zeros_like_state(state)
     dcp_load(target, MemoryReader("memory://bare", fs))
     assert_state_equal(_contiguous(state), _contiguous(target))
+
+
+class BareMemoryFS(MemoryFS):
+    """Only upstream's abstract methods: every capability method keeps FileSystemBase's default."""
+
+    ls = FileSystemBase.ls
+
+    def sync_dir(self, path):
+        self.calls.append(("sync_dir", str(path)))
+
+
+class ReplacingMemoryFS(MemoryFS):
+    def rename_replaces(self):
+        return True
+
+
+def test_file_system_capabilities_have_object_store_defaults():
+    base = BareMemoryFS()
+    assert (base.ls("memory://c"), base.local_path("memory://c"), base.rename_replaces()) == (None, None, False)
+    assert FileSystemBase.sync_dir(base, "memory://c") is None
+    local = FileSystem()
+    assert local.rename_replaces() and local.local_path("/x/y") == "/x/y"
+
+
+def test_what_the_file_system_can_do_decides_the_commit():
+    # Cannot list: an overwrite leaves the earlier save's data file; cannot replace on rename:
+    # the old .metadata is removed just before the rename; sync_dir is asked either way.
+    fs = BareMemoryFS()
+    dcp_save({"a": torch.arange(4)}, MemoryWriter("memory://c", fs))
+    first = set(fs.files)
+    fs.calls.clear()
+    dcp_save({"a": torch.arange(4) * 2}, MemoryWriter("memory://c", fs))
+    assert first < set(fs.files) and len(fs.files) == 3
+    renames = [c for c in fs.calls if c[0] in ("rm_file", "rename", "sync_dir")]
+    assert renames == [
+        ("rm_file", "memory://c/.metadata"),
+        ("rename", "memory://c/.metadata.tmp", "memory://c/.metadata"),
+        ("sync_dir", "memory://c"),
+    ]
+
+    fs = ReplacingMemoryFS()
+    dcp_save({"a": torch.arange(4)}, MemoryWriter("memory://c", fs, single_file_per_rank=False))
+    fs.calls.clear()
+    dcp_save({"a": torch.arange(4) * 3}, MemoryWriter("memory://c", fs, single_file_per_rank=False))
+    # Replaced in one step: the old metadata is never removed first; the listing finds the stale file.
+    assert ("rm_file", "memory://c/.metadata") not in fs.calls
+    assert [c[1] for c in fs.calls if c[0] == "rm_file"] == ["memory://c/__0_0.distcp"]
+    target = {"a": torch.zeros(4, dtype=torch.int64)}
+    dcp_load(target, MemoryReader("memory://c", fs))
+    assert torch.equal(target["a"], torch.arange(4) * 3)
