@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -15,11 +16,14 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from ._format import transform_descriptors_of
-from ._torch_save import ZIP_MAGIC, _members, _Unsupported
+from . import _safetensors
+from ._checksum import check, stored_crc32
+from ._format import Stored, describe_item, stored_as, transform_descriptors_of
+from ._torch_save import ZIP_MAGIC, archive_members
 from .reader import FileSystemReader
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+_VERIFY_STEP_BYTES = 8 << 20
 
 
 def _numel(sizes: Sequence[int]) -> int:
@@ -53,25 +57,20 @@ def _entries(metadata: Metadata) -> List[Dict[str, Any]]:
     return rows
 
 
-def _looks_like_safetensors(head: bytes) -> bool:
-    """8-byte little-endian header length, then the JSON header's opening brace."""
-    return len(head) == 9 and head[8:9] == b"{"
-
-
 def _file_format(path: str, items: List[Any]) -> Optional[str]:
     """``items``: (is_tensor, storage info) of one data file. Tensor items decide before byte items."""
     with open(path, "rb") as f:
-        if _looks_like_safetensors(f.read(9)):
-            return "safetensors"  # this package's SAFETENSORS files start with their header
+        size = os.fstat(f.fileno()).st_size
+
+        def read_at(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        header = _safetensors.read_header(read_at, 0, size, path)
         for is_tensor, info in sorted(items, key=lambda item: not item[0]):
-            if transform_descriptors_of(info):
-                return "torch_save"  # only torch.save payloads are transformed
-            f.seek(info.offset)
-            head = f.read(9)
-            if head[:4] == ZIP_MAGIC:
-                return "torch_save"
-            if is_tensor and _looks_like_safetensors(head):
-                return "safetensors"  # stock torch records where its safetensors header starts
+            stored = stored_as(info, header, read_at(info.offset, _safetensors.SNIFF_BYTES), is_tensor)
+            if stored is not None:
+                return Stored.TORCH_SAVE.value if stored is Stored.TORCH_SAVE else Stored.SAFETENSORS.value
     return None
 
 
@@ -134,10 +133,7 @@ class _VerifyPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         payload = bytearray(value.read())
         if payload[:4] == ZIP_MAGIC:
-            try:
-                _members(payload)  # checks each archive member's CRC-32
-            except _Unsupported:
-                pass  # zip64: too large for the quick check, the bytes were read all the same
+            archive_members(payload)  # checks each archive member's CRC-32
 
 
 def _verify_entry(reader: FileSystemReader, metadata: Metadata, fqn: str, item: Any) -> None:
@@ -177,24 +173,68 @@ def _verify(args: argparse.Namespace) -> int:
     reader = FileSystemReader(args.path)
     items = sorted(metadata.state_dict_metadata.items())
     progress = sys.stderr.isatty()
-    errors: Dict[str, str] = {}
+    # Every recorded checksum, also of bytes no load reads (the archive of an empty tensor).
+    errors: Dict[str, str] = _checksum_errors(args.path, metadata)
     for n, (fqn, item) in enumerate(items, 1):
         try:
             _verify_entry(reader, metadata, fqn, item)
         except Exception as e:  # one damaged item must not hide the others
-            errors[fqn] = f"{type(e).__name__}: {e}"
+            errors.setdefault(fqn, f"{type(e).__name__}: {e}")
         if progress:
             print(f"\rverify: {n}/{len(items)}", end="\n" if n == len(items) else "", file=sys.stderr, flush=True)
     total = sum(e["bytes"] for e in _entries(metadata))
+    unchecked = _unchecked(metadata, errors)
+    errors = dict(sorted(errors.items()))
     if args.json:
-        print(json.dumps({"ok": not errors, "entries": len(items), "bytes": total, "errors": errors}, indent=2))
-    elif errors:
-        for fqn, error in errors.items():
-            print(f"{fqn}: {error}")
+        summary = {"ok": not errors, "entries": len(items), "bytes": total, "errors": errors, "unchecked": unchecked}
+        print(json.dumps(summary, indent=2))
+        return 1 if errors else 0
+    for fqn, error in errors.items():
+        print(f"{fqn}: {error}")
+    for fqn in unchecked:
+        print(f"{fqn}: unchecked: read, but no checksum was recorded (written by stock torch or an older version)")
+    if errors:
         print(f"FAILED: {len(errors)} of {len(items)} entries could not be read")
+    elif unchecked:
+        print(f"UNCHECKED: {len(unchecked)} of {len(items)} entries carry no checksum; the other "
+              f"{len(items) - len(unchecked)} verified")
     else:
         print(f"OK: {len(items)} entries, {total} bytes verified")
     return 1 if errors else 0
+
+
+def _checksum_errors(path: str, metadata: Metadata) -> Dict[str, str]:
+    """fqn -> why the stored bytes of one of its items do not match their recorded checksum."""
+    errors: Dict[str, str] = {}
+    for index, info in metadata.storage_data.items():
+        if stored_crc32(info) is None or index.fqn in errors:
+            continue
+        file_path = os.path.join(path, info.relative_path)
+        item = describe_item(index)
+        try:
+            with open(file_path, "rb") as f:
+                size, end = os.fstat(f.fileno()).st_size, info.offset + info.length
+                if end > size:
+                    raise ValueError(
+                        f"{file_path}: item {item} needs bytes [{info.offset}, {end}) but the file has {size} bytes "
+                        "(truncated or damaged checkpoint)"
+                    )
+                f.seek(info.offset)
+                crc, left = 0, info.length
+                while left:
+                    part = f.read(min(left, _VERIFY_STEP_BYTES))
+                    crc, left = zlib.crc32(part, crc), left - len(part)
+            check(file_path, item, info, crc)
+        except (OSError, ValueError) as e:
+            errors[index.fqn] = f"{type(e).__name__}: {e}"
+    return errors
+
+
+def _unchecked(metadata: Metadata, errors: Dict[str, str]) -> List[str]:
+    """Entries read without error whose stored bytes carry no checksum."""
+    return sorted(
+        {index.fqn for index, info in metadata.storage_data.items() if stored_crc32(info) is None} - set(errors)
+    )
 
 
 def _bench(extra: List[str]) -> int:

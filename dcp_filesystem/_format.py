@@ -1,16 +1,13 @@
-"""On-disk vocabulary shared by the writer and the reader."""
+"""On-disk vocabulary shared by the writer, the reader and the command line: names, storage info, formats."""
 from __future__ import annotations
 
-import json
-import struct
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
-import torch
-
-from . import _compat
+from . import _compat, _safetensors
+from ._torch_save import ZIP_MAGIC
 
 _metadata_fn: str = ".metadata"
 DEFAULT_SUFFIX = ".distcp"
@@ -67,128 +64,36 @@ def transform_descriptors_of(storage_info: Any) -> Sequence[str]:
     return getattr(storage_info, "transform_descriptors", None) or ()
 
 
+def describe_item(index: Any) -> str:
+    """How error messages name an item (a MetadataIndex): its key, and its chunk's offsets where it has them."""
+    return f"{index.fqn!r}" if index.offset is None else f"{index.fqn!r} (chunk at {list(index.offset)})"
+
+
 def metadata_file_name(rank: Optional[int] = None) -> str:
     return _metadata_fn if rank is None else f"__{rank}{_metadata_fn}"
 
 
-# --- safetensors -----------------------------------------------------------
+class Stored(Enum):
+    """How one item's bytes are stored in its data file."""
 
-SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
-DCP_VERSION_KEY = "DCP_VERSION"
-DCP_VERSION_VALUE = "1.0"
-FORMAT_KEY = "format"
-FORMAT_VALUE = "pt"
-BYTE_IO_KEY = "DCP_BYTE_IO"
-HEADER_METADATA_KEY = "__metadata__"
-MAX_HEADER_BYTES = 100_000_000
-
-SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
-    **_compat.float8_dtypes(),
-}
-SAFETENSORS_NAMES: Dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    TORCH_SAVE = "torch_save"  # a torch.save archive (the only thing stream transforms are applied to)
+    SAFETENSORS = "safetensors"  # an entry's raw bytes in this package's safetensors file
+    STOCK_SAFETENSORS = "stock safetensors"  # stock torch 2.8+: found by fqn in the header the item points at
 
 
-class SafetensorsEntry(NamedTuple):
-    dtype: torch.dtype
-    shape: Tuple[int, ...]
-    begin: int  # absolute file offset
-    end: int
+def stored_as(info: Any, file_header: Optional[_safetensors.Header], head: bytes, is_tensor: bool) -> Optional[Stored]:
+    """How the item with storage info ``info`` is stored; None where its bytes are none of these.
 
-
-class SafetensorsHeader(NamedTuple):
-    data_start: int  # absolute file offset of the data section
-    entries: Dict[str, SafetensorsEntry]
-    metadata: Dict[str, str]
-
-
-def safetensors_dtype_name(dtype: torch.dtype, key: str) -> str:
-    try:
-        return SAFETENSORS_NAMES[dtype]
-    except KeyError:
-        raise ValueError(
-            f"SAFETENSORS format cannot store {key!r}: dtype {dtype} has no safetensors name "
-            f"(supported: {', '.join(str(d) for d in SAFETENSORS_NAMES)})"
-        ) from None
-
-
-def encode_header(
-    entries: Sequence[Tuple[str, torch.dtype, Sequence[int], int]], metadata: Dict[str, str]
-) -> bytes:
-    """The 8-byte length and JSON header for ``entries`` laid out back to back in order."""
-    header: Dict[str, Any] = {HEADER_METADATA_KEY: metadata}
-    position = 0
-    for key, dtype, shape, nbytes in entries:
-        header[key] = {
-            "dtype": safetensors_dtype_name(dtype, key),
-            "shape": list(shape),
-            "data_offsets": [position, position + nbytes],
-        }
-        position += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-(len(text) + 8) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def decode_header(
-    read_at: Callable[[int, int], bytes], base: int, file_size: int, where: str
-) -> SafetensorsHeader:
-    """Parse and bounds-check a safetensors header that begins at ``base``.
-
-    ``read_at(offset, n)`` returns up to n bytes at an absolute offset.
+    ``file_header``: the safetensors header at the start of its data file, if any; ``head``: the
+    item's first bytes (at least ``_safetensors.SNIFF_BYTES``, where the item has that many).
+    Non-tensor values are stored as their bytes: they count as the format of the file around them.
     """
-    raw_len = read_at(base, 8)
-    if len(raw_len) != 8:
-        raise ValueError(f"{where}: safetensors header length is truncated")
-    (header_len,) = struct.unpack("<Q", raw_len)
-    if header_len > MAX_HEADER_BYTES or base + 8 + header_len > file_size:
-        raise ValueError(
-            f"{where}: safetensors header length {header_len} is larger than the file "
-            f"({file_size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
-        )
-    try:
-        header = json.loads(read_at(base + 8, header_len))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{where}: safetensors header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: safetensors header is not a JSON object")
-    data_start = base + 8 + header_len
-    metadata = header.pop(HEADER_METADATA_KEY, None) or {}
-    entries: Dict[str, SafetensorsEntry] = {}
-    for key, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: safetensors entry {key!r} is malformed: {info!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * torch._utils._element_size(dtype)
-        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > file_size:
-            raise ValueError(
-                f"{where}: safetensors entry {key!r} has offsets {[begin, end]} that do not fit "
-                f"shape {list(shape)} of {info['dtype']} in a {file_size}-byte file"
-            )
-        entries[key] = SafetensorsEntry(dtype, shape, data_start + begin, data_start + end)
-    return SafetensorsHeader(data_start, entries, metadata if isinstance(metadata, dict) else {})
-
-
-def chunk_key(fqn: str, offsets: Sequence[int]) -> str:
-    """The safetensors key of one chunk of a tensor, where a data file holds several chunks of it."""
-    return f"{fqn}@{','.join(str(o) for o in offsets)}"
-
-
-def byte_io_keys(header: SafetensorsHeader) -> List[str]:
-    return json.loads(header.metadata.get(BYTE_IO_KEY, "[]"))
+    if transform_descriptors_of(info):
+        return Stored.TORCH_SAVE
+    if file_header is not None and info.offset >= file_header.data_start:
+        return Stored.SAFETENSORS
+    if head[:4] == ZIP_MAGIC:
+        return Stored.TORCH_SAVE
+    if is_tensor and _safetensors.looks_like_header(head):
+        return Stored.STOCK_SAFETENSORS
+    return None

@@ -1,14 +1,22 @@
-"""Spreading I/O over threads: how many a job is worth, and large positional reads with their CRC-32."""
+"""The one way this package spreads work over threads, and the work it spreads: file I/O and CRC-32.
+
+``run_in_threads`` runs tasks on threads of their own and always hands their
+errors to the caller; the rest decides how many threads a job is worth, under
+one budget of cores, and does large positional reads and CRC-32s in parts
+(os.preadv and zlib.crc32 release the GIL).
+"""
 from __future__ import annotations
 
 import functools
 import os
 import threading
 import zlib
-from typing import IO, List, Optional, Tuple
+from typing import IO, Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._crc import crc32_combine
 from .fs import file_descriptor
+
+T = TypeVar("T")
 
 _STEP_BYTES = 4 << 20  # one read call, then its CRC, per step
 _PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
@@ -17,19 +25,95 @@ _PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
 _BYTES_PER_THREAD = 16 << 20
 
 
+def run_in_threads(tasks: Sequence[Callable[[], T]], name: str) -> List[T]:
+    """Each task's result, in order: the first task runs in the calling thread, the others on
+    threads of their own. All are waited for; then the first error, in task order, is raised."""
+    results: List[Optional[T]] = [None] * len(tasks)
+    errors: List[Optional[BaseException]] = [None] * len(tasks)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = tasks[i]()
+        except BaseException as e:  # noqa: B036 - re-raised in the calling thread
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"{__package__}-{name}-{i}") for i in range(1, len(tasks))]
+    for thread in threads:
+        thread.start()
+    try:
+        if tasks:
+            run(0)
+    finally:
+        for thread in threads:
+            thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results  # type: ignore[return-value]
+
+
+def for_each(items: Iterable[T], work: Callable[[T], None], threads: int, name: str) -> None:
+    """``work(item)`` for every item on ``threads`` threads; after an error no new item is started."""
+    pending = iter(items)
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def drain() -> None:
+        while not failed.is_set():
+            with lock:
+                item = next(pending, _DONE)
+            if item is _DONE:
+                return
+            try:
+                work(item)  # type: ignore[arg-type]
+            except BaseException:
+                failed.set()
+                raise
+
+    run_in_threads([drain] * max(1, threads), name)
+
+
+_DONE = object()
+
+
 def worker_count(thread_count: int, files: int, nbytes: int) -> int:
     """Threads worth using for ``files`` files holding ``nbytes`` bytes, at most ``thread_count``."""
     return max(1, min(thread_count, files, nbytes // _BYTES_PER_THREAD))
 
 
-def preadv_descriptor(stream: IO[bytes]) -> Optional[int]:
-    """The OS file descriptor behind ``stream``, where positional reads can use it."""
-    return file_descriptor(stream) if hasattr(os, "preadv") else None
-
-
 @functools.cache
 def _cores() -> int:
     return os.cpu_count() or 1  # a system call on some platforms: asked once
+
+
+def _parts(size: int, sharing: int) -> List[Tuple[int, int]]:
+    """[start, end) parts of a ``size``-byte range, one per core of this job's share of the cores."""
+    count = max(1, min(_cores() // max(sharing, 1), size // _PART_BYTES))
+    step = -(-size // count) if size else 0
+    return [(start, min(start + step, size)) for start in range(0, size, step)] if step else [(0, 0)]
+
+
+def crc32(data: memoryview, sharing: int = 1) -> int:
+    """zlib.crc32(data), in parts on this job's share of the cores for large buffers."""
+    parts = _parts(len(data), sharing)
+    if len(parts) == 1:
+        return zlib.crc32(data)
+    crcs = run_in_threads([functools.partial(zlib.crc32, data[start:end]) for start, end in parts], "crc32")
+    result = crcs[0]
+    for (start, end), crc in zip(parts[1:], crcs[1:]):
+        result = crc32_combine(result, crc, end - start)
+    return result
+
+
+def write_with_crc(stream: IO[bytes], data: memoryview) -> int:
+    """Write ``data`` while its CRC-32 is computed on another thread; the CRC-32."""
+    crc, _ = run_in_threads([functools.partial(zlib.crc32, data), functools.partial(stream.write, data)], "crc32")
+    return crc
+
+
+def preadv_descriptor(stream: IO[bytes]) -> Optional[int]:
+    """The OS file descriptor behind ``stream``, where positional reads can use it."""
+    return file_descriptor(stream) if hasattr(os, "preadv") else None
 
 
 def _pread_range(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
@@ -49,40 +133,20 @@ def _pread_range(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tupl
 def pread_into(fd: int, offset: int, view: memoryview, with_crc: bool, sharing: int = 1) -> Tuple[int, int]:
     """Fill ``view`` from ``fd`` at ``offset``: (bytes read, their zlib CRC-32 or 0 if not ``with_crc``).
 
-    The range is split over up to one thread per core (the cores divided among
-    ``sharing`` such reads running at once); each reads its part in
-    steps and checksums a step right after reading it (os.preadv and zlib.crc32
-    release the GIL), and the parts' CRCs are joined with crc32_combine.
-    Fewer bytes than ``len(view)`` means the file ended first.
+    The range is split over this job's share of the cores (``sharing`` such reads
+    running at once); each part is read in steps, each step checksummed right
+    after it is read, and the parts' CRCs are joined with crc32_combine. Fewer
+    bytes than ``len(view)`` means the file ended first.
     """
-    size = len(view)
-    parts = max(1, min(_cores() // sharing, size // _PART_BYTES))
-    if parts == 1:
-        return _pread_range(fd, offset, view, with_crc)
-    per_part = -(-size // parts)
-    got: List[int] = [0] * parts
-    crcs: List[int] = [0] * parts
-    errors: List[BaseException] = []
-
-    def part(i: int) -> None:
-        start = i * per_part
-        try:
-            got[i], crcs[i] = _pread_range(fd, offset + start, view[start : min(start + per_part, size)], with_crc)
-        except BaseException as e:  # noqa: B036 - re-raised in the calling thread
-            errors.append(e)
-
-    workers = [threading.Thread(target=part, args=(i,), name="dcp_filesystem-pread") for i in range(1, parts)]
-    for worker in workers:
-        worker.start()
-    part(0)
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+    parts = _parts(len(view), sharing)
+    done = run_in_threads(
+        [functools.partial(_pread_range, fd, offset + start, view[start:end], with_crc) for start, end in parts],
+        "pread",
+    )
     total, crc = 0, 0
-    for i in range(parts):
-        crc = crc32_combine(crc, crcs[i], got[i]) if i else crcs[0]
-        total += got[i]
-        if got[i] != min(per_part, size - i * per_part):
+    for (start, end), (got, part_crc) in zip(parts, done):
+        crc = crc32_combine(crc, part_crc, got) if start else part_crc
+        total += got
+        if got != end - start:
             break  # a short part: the bytes after it are not this range's
     return total, crc

@@ -29,7 +29,7 @@ import torch
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
 from torch.distributed.checkpoint import metadata as _torch_metadata
 
-from . import _compat
+from . import _checksum, _compat
 
 _Key = Tuple[str, str]
 
@@ -260,17 +260,21 @@ def load_metadata(file: IO[bytes], name: str) -> Any:
 
     ``name`` (the file's path) is used in error messages. Raises
     :class:`pickle.UnpicklingError` for a disallowed global or an unreadable
-    pickle, and :class:`ValueError` if the file holds something other than
-    torch's ``Metadata``.
+    pickle, and :class:`ValueError` if the file fails its checksum or holds
+    something other than torch's ``Metadata``.
     """
     data = file.read()
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"{name}: metadata stream returned {type(data).__name__}, not bytes")
     if len(data) == 0:
         raise pickle.UnpicklingError(f"{name}: DCP metadata file is empty")
+    data = _checksum.checked_pickle(bytes(data), name)
     try:
         _check_extension_codes(bytes(data), name)
-        obj = _RestrictedUnpickler(io.BytesIO(data), name).load()
+        stream = io.BytesIO(data)
+        obj = _RestrictedUnpickler(stream, name).load()
+        if stream.tell() != len(data):
+            raise ValueError(f"{len(data) - stream.tell()} bytes after the pickle are not a checksum of it")
     except Exception as e:
         if getattr(e, "blocked_global", None) is not None:
             raise

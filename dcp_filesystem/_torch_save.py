@@ -27,6 +27,7 @@ from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from ._bytes import storage_bytes
+from ._checksum import write_with_crc
 
 ZIP_MAGIC = b"PK\x03\x04"
 _END_OF_CENTRAL_DIR = struct.Struct("<IHHHHIIH")
@@ -41,8 +42,8 @@ _ZIP32_LIMIT = 0xFFFFFFFF
 _ARCHIVE = "archive/"
 _SERIALIZATION_ID = ".data/serialization_id"
 _STORAGE_RECORD = "data/0"
-# Storages at least this large get their CRC-32 computed in a second thread while they are written.
-_PARALLEL_CRC_BYTES = 1 << 20
+# Records this large are written on their own, not copied into the pending bytes first.
+_LARGE_RECORD_BYTES = 1 << 20
 _STORAGE_DTYPES: Dict[str, torch.dtype] = {
     name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()
 }
@@ -151,10 +152,14 @@ def _reader(buffer: bytearray) -> _Read:
     return lambda offset, length: view[offset : offset + length]
 
 
-def _members(payload: bytearray) -> Dict[str, Tuple[int, int]]:
-    """Zip member name -> (data offset, size), each checked against its CRC-32."""
+def archive_members(payload: bytearray) -> Optional[Dict[str, Tuple[int, int]]]:
+    """Zip member name -> (data offset, size), each checked against its CRC-32; None for a zip64
+    archive (over 4 GiB), which is not checked."""
     read = _reader(payload)
-    members = _directory(read, len(payload))
+    try:
+        members = _directory(read, len(payload))
+    except _Unsupported:
+        return None
     _check_crcs(read, members)
     return {name: (member.start, member.size) for name, member in members.items()}
 
@@ -353,7 +358,7 @@ class _Archive:
         header = _LOCAL_HEADER.pack(0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(encoded), padding + 4)
         self.pending += header + encoded + b"FB" + struct.pack("<H", padding) + b"Z" * padding
         size = len(data)
-        if size >= _PARALLEL_CRC_BYTES:
+        if size >= _LARGE_RECORD_BYTES:
             crc = self._write_with_crc(data)
         else:
             crc = zlib.crc32(data) if self.layout.crc else 0
@@ -363,17 +368,12 @@ class _Archive:
         self.offset = start + padding + size + _DATA_DESCRIPTOR.size
 
     def _write_with_crc(self, data: memoryview) -> int:
-        self.stream.write(self.pending)
+        self.stream.write(memoryview(self.pending))
         self.pending = bytearray()
         if not self.layout.crc:
             self.stream.write(data)
             return 0
-        crc: List[int] = []
-        worker = threading.Thread(target=lambda: crc.append(zlib.crc32(data)))  # zlib releases the GIL
-        worker.start()
-        self.stream.write(data)
-        worker.join()
-        return crc[0]
+        return write_with_crc(self.stream, data)
 
     def close(self) -> None:
         directory_offset = self.offset
@@ -389,7 +389,7 @@ class _Archive:
         )
         self.pending += _ZIP64_LOCATOR.pack(0x07064B50, 0, end, 1)
         self.pending += _END_OF_CENTRAL_DIR.pack(0x06054B50, 0, 0, count, count, directory_size, directory_offset, 0)
-        self.stream.write(self.pending)
+        self.stream.write(memoryview(self.pending))
 
 
 def _write_archive(tensor: torch.Tensor, stream: IO[bytes], layout: _Layout, serialization_id: bytes) -> None:

@@ -7,8 +7,8 @@ import os
 import pickle
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+import zlib
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
@@ -16,26 +16,18 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from . import _compat
+from . import _checksum, _compat, _safetensors
 from ._bytes import tensor_bytes, tensor_from_bytes
-from ._crc import crc32
-from ._format import (
-    SafetensorsEntry,
-    SafetensorsHeader,
-    _generate_uuid,
-    chunk_key,
-    decode_header,
-    metadata_file_name,
-    transform_descriptors_of,
-)
+from ._crc import crc32_combine
+from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, stored_as, transform_descriptors_of
 from ._gc import gc_paused
-from ._parallel import pread_into, preadv_descriptor, worker_count
+from ._parallel import crc32, for_each, pread_into, preadv_descriptor, worker_count
 from ._safe_pickle import load_metadata
-from ._torch_save import ZIP_MAGIC, PlainTensor, crc_error, load_tensor, plain_storage
+from ._torch_save import PlainTensor, crc_error, load_tensor, plain_storage
 from .fs import FileSystem, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
-logger = logging.getLogger("dcp_filesystem")
+logger = logging.getLogger(__package__)
 # torch.save archives this large are read straight into their destination: first their edges, then the storage.
 _IN_PLACE_ARCHIVE_BYTES = 1 << 20
 _ARCHIVE_EDGE_BYTES = 16 << 10
@@ -45,9 +37,7 @@ _RUN_BYTES = 4 << 20
 
 
 def _describe(req: ReadItem) -> str:
-    """How error messages name an item: its key, and its chunk's offsets where it has them."""
-    index = req.storage_index
-    return f"{index.fqn!r}" if index.offset is None else f"{index.fqn!r} (chunk at {list(index.offset)})"
+    return describe_item(req.storage_index)
 
 
 def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
@@ -70,7 +60,7 @@ class _DataFile:
         self.size = stream.tell()
         self.fd = preadv_descriptor(stream)
         self.files_at_once = files_at_once
-        self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
+        self._headers: Dict[int, Optional[_safetensors.Header]] = {}
         self._ahead_start = 0
         self._ahead = memoryview(b"")
 
@@ -106,11 +96,11 @@ class _DataFile:
         part = self._read_ahead_part(offset, len(view))
         if part is not None:
             view[:] = part
-            return len(view), crc32(part) if with_crc else 0
+            return len(view), crc32(part, self.files_at_once) if with_crc else 0
         if self.fd is not None:
             return pread_into(self.fd, offset, view, with_crc, self.files_at_once)
         got = self.readinto_at(offset, view)
-        return got, crc32(view[:got]) if with_crc else 0
+        return got, crc32(view[:got], self.files_at_once) if with_crc else 0
 
     def read_at(self, offset: int, length: int) -> bytearray:
         buffer = bytearray(length)
@@ -133,32 +123,24 @@ class _DataFile:
             )
         return buffer
 
-    def safetensors_header(self, base: int) -> Optional[SafetensorsHeader]:
-        """The safetensors header starting at ``base``, or None if there is none there."""
+    def safetensors_header(self, base: int = 0) -> Optional[_safetensors.Header]:
+        """The safetensors header that starts at ``base``, or None where none does."""
         if base not in self._headers:
-            start = self.read_at(base, 9)
-            plausible = len(start) == 9 and start[8:9] == b"{"
-            self._headers[base] = (
-                decode_header(self.read_at, base, self.size, f"{self.name} (offset {base})") if plausible else None
-            )
+            where = f"{self.name} (offset {base})"
+            self._headers[base] = _safetensors.read_header(self.read_at, base, self.size, where)
         return self._headers[base]
 
+    def read_checked(self, req: ReadItem, info: Any) -> bytearray:
+        """An item's stored bytes, checked against their checksum where the metadata has one."""
+        payload = self.read_exact(info.offset, info.length, req)
+        if _checksum.stored_crc32(info) is not None:
+            _checksum.check(self.name, _describe(req), info, crc32(memoryview(payload), self.files_at_once))
+        return payload
 
-def _entry_keys(req: ReadItem) -> Iterator[str]:
-    """The safetensors keys an item may be stored under: its fqn, or fqn@offsets where one file holds
-    several chunks of a tensor."""
+
+def _find_entry(header: _safetensors.Header, req: ReadItem, info: Any) -> Optional[_safetensors.Entry]:
     index = req.storage_index
-    yield index.fqn
-    if index.offset is not None:
-        yield chunk_key(index.fqn, index.offset)
-
-
-def _find_entry(header: SafetensorsHeader, req: ReadItem, begin: int, end: int) -> Optional[SafetensorsEntry]:
-    for key in _entry_keys(req):
-        entry = header.entries.get(key)
-        if entry is not None and entry.begin == begin and entry.end == end:
-            return entry
-    return None
+    return _safetensors.find_entry(header, index.fqn, index.offset, info.offset, info.offset + info.length)
 
 
 def _run_end(reqs: List[Tuple[ReadItem, Any]], first: int) -> int:
@@ -220,11 +202,13 @@ class FileSystemReader(StorageReader):
         self.load_id = _generate_uuid()
         self.transforms = _StorageReaderTransforms(_extension_registry)
         self.thread_count = thread_count
+        # Kept for upstream parity (set by set_up_storage_reader, read by subclasses); unused here.
         self.rank: Optional[int] = None
         self.use_collectives = True
 
     def _slice_file(self, file: IO[bytes], sinfo: Any) -> IO[bytes]:
-        """The bytes of one item as a stream of their own."""
+        """The bytes of one item as a stream of their own. Kept for upstream parity (subclasses call it);
+        this reader itself reads items with positioned reads instead."""
         file.seek(sinfo.offset)
         return io.BytesIO(file.read(sinfo.length))
 
@@ -251,7 +235,7 @@ class FileSystemReader(StorageReader):
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
             with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
                 data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads)
-                data_file.safetensors_header(0)  # a damaged header fails here, whichever item comes first
+                data_file.safetensors_header()  # a damaged header fails here, whichever item comes first
                 read_until = 0
                 for n, (req, info) in enumerate(reqs):
                     if info.length < _SMALL_ITEM_BYTES and info.offset + info.length > read_until:
@@ -259,13 +243,7 @@ class FileSystemReader(StorageReader):
                         data_file.read_ahead(info.offset, read_until)
                     self._read_item(data_file, req, info, file_planner)
 
-        if threads == 1:
-            for relative_path in per_file:
-                read_file(relative_path)
-        else:
-            with ThreadPoolExecutor(threads, "dcp_filesystem-reader") as pool:
-                for done in [pool.submit(read_file, relative_path) for relative_path in per_file]:
-                    done.result()
+        for_each(per_file, read_file, threads, "reader")
         if logger.isEnabledFor(logging.DEBUG):
             seconds = time.perf_counter() - start
             logger.debug(
@@ -297,19 +275,19 @@ class FileSystemReader(StorageReader):
             )
 
     def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
-        descriptors = transform_descriptors_of(info)
-        raw_tensor = req.type != LoadItemType.BYTE_IO and not descriptors
-        if raw_tensor and self._read_in_place(data_file, req, info, planner):
-            return
-        payload = data_file.read_exact(info.offset, info.length, req)
-        try:
-            if descriptors:
-                stream = self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload))
-                payload = bytearray(stream.read())
-            if req.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(req, io.BytesIO(payload))
+        data_file.check_range(info.offset, info.length, req)
+        is_tensor = req.type != LoadItemType.BYTE_IO
+        if is_tensor:
+            head = data_file.read_at(info.offset, _safetensors.SNIFF_BYTES)
+            stored = stored_as(info, data_file.safetensors_header(), head, is_tensor)
+            if not transform_descriptors_of(info) and self._read_in_place(data_file, req, info, stored, planner):
                 return
-            tensor = self._decode_tensor(data_file, req, info, payload, bool(descriptors))
+        payload = data_file.read_checked(req, info)
+        try:
+            if not is_tensor:
+                planner.load_bytes(req, io.BytesIO(self._untransformed(req, info, payload)))
+                return
+            tensor = self._decode_tensor(data_file, req, info, stored, payload)
         except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
             raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
         tensor = _narrow(tensor, req.storage_offsets, req.lengths)
@@ -322,29 +300,43 @@ class FileSystemReader(StorageReader):
         target.copy_(tensor)
         planner.commit_tensor(req, target)
 
-    def _plain_tensor(self, data_file: _DataFile, req: ReadItem, info: Any) -> Optional[PlainTensor]:
-        """Where the item lies as a plain run of bytes: a whole safetensors entry, or a large torch.save storage."""
-        header = data_file.safetensors_header(0)
-        if header is not None and info.offset >= header.data_start:
-            entry = _find_entry(header, req, info.offset, info.offset + info.length)
-            return None if entry is None else PlainTensor(entry.dtype, entry.shape, info.offset, info.length, 0, "")
-        if info.length < _IN_PLACE_ARCHIVE_BYTES:
+    def _plain_tensor(
+        self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored]
+    ) -> Optional[Tuple[PlainTensor, memoryview, memoryview]]:
+        """Where the item lies as a plain run of bytes (a whole safetensors entry, or a large torch.save
+        storage), with the item's stored bytes before and after that run; None where it does not."""
+        if stored is Stored.SAFETENSORS:
+            entry = _find_entry(data_file.safetensors_header(), req, info)  # type: ignore[arg-type]
+            plain = None if entry is None else PlainTensor(entry.dtype, entry.shape, info.offset, info.length, 0, "")
+            return None if plain is None else (plain, memoryview(b""), memoryview(b""))
+        if stored is not Stored.TORCH_SAVE or info.length < _IN_PLACE_ARCHIVE_BYTES:
             return None
-        data_file.check_range(info.offset, info.length, req)
-        head = data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, req)
+        head = memoryview(data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, req))
         tail_offset = info.offset + info.length - _ARCHIVE_EDGE_BYTES
-        tail = data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, req)
+        tail = memoryview(data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, req))
         try:
-            plain = plain_storage(memoryview(head), memoryview(tail), info.length)
+            plain = plain_storage(head, tail, info.length)
         except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            if _checksum.stored_crc32(info) is not None:
+                return None  # the whole item is read and checked against its checksum instead
             raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
-        return None if plain is None else plain._replace(start=info.offset + plain.start)
+        if plain is None:
+            return None
+        after = info.length - plain.start - plain.nbytes
+        if plain.start > len(head) or after > len(tail):
+            return None
+        return plain._replace(start=info.offset + plain.start), head[: plain.start], tail[len(tail) - after :]
 
-    def _read_in_place(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> bool:
+    def _read_in_place(
+        self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], planner: LoadPlanner
+    ) -> bool:
         """Read a whole stored tensor straight into its destination; False where that cannot be done."""
-        plain = self._plain_tensor(data_file, req, info)
-        if plain is None or any(req.storage_offsets) or tuple(req.lengths) != plain.size:
+        if any(req.storage_offsets):
             return False
+        found = self._plain_tensor(data_file, req, info, stored)
+        if found is None or tuple(req.lengths) != found[0].size:
+            return False
+        plain, before, after = found
         target = planner.resolve_tensor(req).detach()
         if target.dtype != plain.dtype or target.device.type != "cpu" or not target.is_contiguous():
             return False
@@ -354,37 +346,46 @@ class FileSystemReader(StorageReader):
                 f"but the load plan expects {list(target.size())}"
             )
         data_file.check_range(plain.start, plain.nbytes, req)
-        view = tensor_bytes(target)
-        got, crc = data_file.readinto_with_crc(plain.start, view, bool(plain.crc))
+        checked = _checksum.stored_crc32(info) is not None
+        got, crc = data_file.readinto_with_crc(plain.start, tensor_bytes(target), checked or bool(plain.crc))
         if got != plain.nbytes:
             raise ValueError(
                 f"{data_file.name}: item {_describe(req)}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
             )
+        if checked:
+            item_crc = crc32_combine(zlib.crc32(before), crc, plain.nbytes)
+            item_crc = crc32_combine(item_crc, zlib.crc32(after), len(after))
+            _checksum.check(data_file.name, _describe(req), info, item_crc)
         if plain.crc and crc != plain.crc:
             raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {crc_error(plain.member)}")
         planner.commit_tensor(req, target)
         return True
 
     def _decode_tensor(
-        self, data_file: _DataFile, req: ReadItem, info: Any, payload: bytearray, transformed: bool
+        self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], payload: bytearray
     ) -> torch.Tensor:
-        if not transformed:
-            header = data_file.safetensors_header(0)
-            if header is not None and info.offset >= header.data_start:
-                # Written by this package: the recorded range is the tensor's raw bytes.
-                entry = _find_entry(header, req, info.offset, info.offset + info.length)
-                if entry is None:
-                    raise ValueError(f"no safetensors entry covers bytes [{info.offset}, {info.offset + info.length})")
-                return tensor_from_bytes(payload, entry.dtype, entry.shape)
-            if payload[:4] != ZIP_MAGIC:
-                # Written by stock torch's SAFETENSORS mode: the recorded offset is where its header starts.
-                stock = data_file.safetensors_header(info.offset)
-                entry = stock.entries.get(req.storage_index.fqn) if stock is not None else None
-                if entry is None:
-                    raise ValueError("payload is neither a torch.save archive nor a safetensors entry")
+        payload = self._untransformed(req, info, payload)
+        if stored is Stored.TORCH_SAVE:
+            return load_tensor(payload)
+        if stored is Stored.SAFETENSORS:
+            entry = _find_entry(data_file.safetensors_header(), req, info)  # type: ignore[arg-type]
+            if entry is None:
+                raise ValueError(f"no safetensors entry covers bytes [{info.offset}, {info.offset + info.length})")
+            return tensor_from_bytes(payload, entry.dtype, entry.shape)
+        if stored is Stored.STOCK_SAFETENSORS:
+            # Stock torch records where the header of the file holding the item starts.
+            entry = _safetensors.stock_entry(data_file.safetensors_header(info.offset), req.storage_index.fqn)
+            if entry is not None:
                 raw = data_file.read_exact(entry.begin, entry.end - entry.begin, req)
                 return tensor_from_bytes(raw, entry.dtype, entry.shape)
-        return load_tensor(payload)
+        raise ValueError("payload is neither a torch.save archive nor a safetensors entry")
+
+    def _untransformed(self, req: ReadItem, info: Any, payload: bytearray) -> bytearray:
+        """An item's stored bytes with its stream transforms undone."""
+        descriptors = transform_descriptors_of(info)
+        if not descriptors:
+            return payload
+        return bytearray(self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload)).read())
 
     def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
         return self.fs.concat_path(self.path, metadata_file_name(rank))

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import pickle
 import queue
 import re
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -23,33 +21,26 @@ from torch.futures import Future
 
 from . import _compat
 from ._bytes import tensor_bytes
+from ._checksum import ChecksummingWriter, record_crc32, with_trailer
 from ._format import (
-    BYTE_IO_KEY,
     CURRENT_DCP_VERSION,
-    DCP_VERSION_KEY,
-    DCP_VERSION_VALUE,
     DEFAULT_SUFFIX,
-    FORMAT_KEY,
-    FORMAT_VALUE,
-    SHARDING_INFO_KEY,
     SerializationFormat,
     _generate_uuid,
     _StorageInfo,
     _StoragePrefix,
-    chunk_key,
-    encode_header,
     metadata_file_name,
-    safetensors_dtype_name,
     storage_info_for_disk,
 )
-from ._parallel import worker_count
+from ._parallel import run_in_threads, worker_count
+from ._safetensors import dtype_name, file_layout
 from ._torch_save import save_tensor
 from ._writeback import with_early_writeback
 from .fs import FileSystem, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader, caller_device_context, on_device
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
 
-logger = logging.getLogger("dcp_filesystem")
+logger = logging.getLogger(__package__)
 # An fsync'd file costs about as much time as writing this many bytes, and overlaps across threads as well.
 _SYNCED_FILE_BYTES = 1 << 20
 _DATA_FILE = re.compile(r"__(\d+)_\d+(\.[0-9a-f]{8})?" + re.escape(DEFAULT_SUFFIX))
@@ -63,13 +54,6 @@ def _item_size(item: WriteItem) -> int:
     for s in item.tensor_data.size:
         size *= s
     return size * torch._utils._element_size(item.tensor_data.properties.dtype)
-
-
-def _chunk_nbytes(item: WriteItem) -> int:
-    numel = 1
-    for s in item.tensor_data.chunk.sizes:
-        numel *= s
-    return numel * torch._utils._element_size(item.tensor_data.properties.dtype)
 
 
 def _split_by_size_and_type(bins: int, items: List[WriteItem]) -> List[List[WriteItem]]:
@@ -98,6 +82,8 @@ def _write_item(
     serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
 ) -> WriteResult:
     offset = stream.tell()
+    if isinstance(stream, ChecksummingWriter):
+        stream.start_item()
     transform_to, descriptors = transforms.transform_save_stream(write_item, stream)
     if write_item.type == WriteItemType.BYTE_IO:
         if not isinstance(data, io.BytesIO):
@@ -113,12 +99,11 @@ def _write_item(
             transform_to.write(tensor_bytes(contiguous))
     transform_to.close()
     length = stream.tell() - offset
-    return WriteResult(
-        index=write_item.index,
-        size_in_bytes=length,
-        # Left out when empty, as upstream does, so older readers see the fields they know.
-        storage_data=_StorageInfo(storage_key, offset, length, transform_descriptors=descriptors or None),
-    )
+    # Left out when empty, as upstream does, so older readers see the fields they know.
+    info = _StorageInfo(storage_key, offset, length, transform_descriptors=descriptors or None)
+    if isinstance(stream, ChecksummingWriter):
+        record_crc32(info, stream.crc)
+    return WriteResult(index=write_item.index, size_in_bytes=length, storage_data=info)
 
 
 def _make_loader(planner: SavePlanner, inflight_threshhold: int, stream: Optional[Any]) -> _TensorLoader:
@@ -133,40 +118,6 @@ def _thread_stream(thread_count: int) -> Optional[Any]:
     if thread_count == 1 or device_type is None:
         return None
     return _compat.device_module(device_type).Stream()
-
-
-def _safetensors_layout(
-    byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem]
-) -> Tuple[bytes, Dict[int, Tuple[str, int]]]:
-    """The header of a data file and, per item id, its safetensors key and byte count."""
-    fqn_counts: Dict[str, int] = {}
-    for wi in tensor_items:
-        fqn_counts[wi.index.fqn] = fqn_counts.get(wi.index.fqn, 0) + 1
-    entries = []
-    layout: Dict[int, Tuple[str, int]] = {}
-    sharding: Dict[str, Any] = {}
-    for wi, data in byte_items:
-        nbytes = data.getbuffer().nbytes
-        entries.append((wi.index.fqn, torch.uint8, (nbytes,), nbytes))
-        layout[id(wi)] = (wi.index.fqn, nbytes)
-    for wi in tensor_items:
-        offsets = list(wi.tensor_data.chunk.offsets)
-        key = wi.index.fqn
-        if fqn_counts[key] > 1:
-            # Several chunks of one tensor in one file: one key each, named by offsets.
-            key = chunk_key(key, offsets)
-        nbytes = _chunk_nbytes(wi)
-        entries.append((key, wi.tensor_data.properties.dtype, tuple(wi.tensor_data.chunk.sizes), nbytes))
-        layout[id(wi)] = (key, nbytes)
-        sharding[key] = {"saved_offsets": offsets}
-    metadata = {
-        SHARDING_INFO_KEY: json.dumps(sharding),
-        DCP_VERSION_KEY: DCP_VERSION_VALUE,
-        FORMAT_KEY: FORMAT_VALUE,
-    }
-    if byte_items:
-        metadata[BYTE_IO_KEY] = json.dumps([wi.index.fqn for wi, _ in byte_items])
-    return encode_header(entries, metadata), layout
 
 
 def _write_one_file(
@@ -184,7 +135,7 @@ def _write_one_file(
     if safetensors:
         # The header comes first, so the order is fixed now: both loaders keep a size-sorted order.
         tensor_items.sort(key=_item_size)
-        header, layout = _safetensors_layout(byte_items, tensor_items)
+        header, layout = file_layout(byte_items, tensor_items)
         stream.write(header)
     for wi in tensor_items:
         loader.add(_item_size(wi), wi)
@@ -232,7 +183,7 @@ def _write_files_from_queue(
             if use_fsync:
                 stream = with_early_writeback(stream)
             results = _write_one_file(
-                stream, storage_key, write_items, planner, transforms, loader, serialization_format
+                ChecksummingWriter(stream), storage_key, write_items, planner, transforms, loader, serialization_format
             )
             if use_fsync:
                 fsync_stream(stream)
@@ -319,7 +270,7 @@ class _FileSystemWriter(StorageWriter):
             return
         for wi in plan.items:
             if wi.type != WriteItemType.BYTE_IO:
-                safetensors_dtype_name(wi.tensor_data.properties.dtype, wi.index.fqn)
+                dtype_name(wi.tensor_data.properties.dtype, wi.index.fqn)
 
     def _check_path(self) -> None:
         local = self.fs.local_path(self.path)
@@ -380,7 +331,6 @@ class _FileSystemWriter(StorageWriter):
 
     def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[List[WriteResult]]:
         result_queue: queue.Queue = queue.Queue()
-        errors: List[BaseException] = []
         files, start = file_queue.qsize(), time.perf_counter()
         tensor_bytes = sum(
             _item_size(wi) for _, _, items in list(file_queue.queue) for wi in items if wi.type != WriteItemType.BYTE_IO
@@ -390,33 +340,21 @@ class _FileSystemWriter(StorageWriter):
         device = caller_device_context() if workers > 1 else None
 
         def work(context: Any = None) -> None:
-            try:
-                with on_device(context):
-                    _write_files_from_queue(
-                        self.fs.create_stream,
-                        file_queue,
-                        result_queue,
-                        planner,
-                        self.transforms,
-                        self.per_thread_copy_ahead,
-                        self.sync_files,
-                        workers,
-                        self.serialization_format,
-                    )
-            except BaseException as e:  # noqa: B036 - re-raised in the calling thread
-                errors.append(e)
+            with on_device(context):
+                _write_files_from_queue(
+                    self.fs.create_stream,
+                    file_queue,
+                    result_queue,
+                    planner,
+                    self.transforms,
+                    self.per_thread_copy_ahead,
+                    self.sync_files,
+                    workers,
+                    self.serialization_format,
+                )
 
-        threads = [
-            threading.Thread(target=work, args=(device,), name=f"dcp_filesystem-writer-{i}")
-            for i in range(1, workers)
-        ]
-        for t in threads:
-            t.start()
-        work()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        # The calling thread is on its device already; the others adopt it.
+        run_in_threads([work] + [lambda: work(device)] * (workers - 1), "writer")
         results: List[WriteResult] = []
         while not result_queue.empty():
             results += result_queue.get_nowait()
@@ -443,7 +381,7 @@ class _FileSystemWriter(StorageWriter):
         rank = self.rank if self._rank_local() else None
         tmp_path = self.fs.concat_path(self.path, f"{metadata_file_name(rank)}.tmp")
         with self.fs.create_stream(tmp_path, "wb") as metadata_file:
-            pickle.dump(metadata, metadata_file)
+            metadata_file.write(with_trailer(pickle.dumps(metadata)))
             if self.sync_files:
                 fsync_stream(metadata_file)
         metadata_path = self.metadata_path

@@ -247,3 +247,16 @@ def load_rank_local(reader, state, rank):
     plans = reader.prepare_global_plan(planner.create_global_plan([local]))
     reader.read_data(planner.finish_plan(plans[0]), planner).wait()
     return metadata
+
+
+def strip_checksums(path) -> None:
+    """Rewrite a checkpoint's .metadata as an older dcp_filesystem wrote it: no checksums."""
+    import pickle
+
+    metadata_path = os.path.join(str(path), ".metadata")
+    with open(metadata_path, "rb") as f:
+        metadata = pickle.load(f)  # stops at the end of the pickle, before the checksum trailer
+    for info in metadata.storage_data.values():
+        vars(info).pop("crc32", None)
+    with open(metadata_path, "wb") as f:
+        pickle.dump(metadata, f)

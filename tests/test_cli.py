@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import REPO, STOCK_HAS_SERIALIZATION_FORMAT, dcp_save
+from helpers import REPO, STOCK_HAS_SERIALIZATION_FORMAT, dcp_save, strip_checksums
 from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _cli
-from dcp_filesystem._torch_save import _members
+from dcp_filesystem._torch_save import archive_members
 
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
 needs_safetensors = pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors is not installed")
@@ -178,7 +178,14 @@ def test_inspect_detects_format_of_stock_and_transformed_checkpoints(tmp_path, c
     assert (code, info["format"], info["transforms"]) == (0, fmt, transforms)
     assert [e["fqn"] for e in info["entries"]] == ["b", "h", "s", "step", "w"]
     code, out, _ = run(capsys, "verify", str(path))
-    assert (code, out) == (0, f"OK: 5 entries, {info['total_bytes']} bytes verified\n")
+    if make_writer is _zstd_writer:
+        assert (code, out) == (0, f"OK: 5 entries, {info['total_bytes']} bytes verified\n")
+    else:  # stock torch records no checksums: read, but not called OK
+        unchecked = "unchecked: read, but no checksum was recorded (written by stock torch or an older version)"
+        assert code == 0
+        assert out.splitlines() == [f"{fqn}: {unchecked}" for fqn in ["b", "h", "s", "step", "w"]] + [
+            "UNCHECKED: 5 of 5 entries carry no checksum; the other 0 verified"
+        ]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -188,7 +195,11 @@ def test_verify_good_checkpoint(tmp_path, capsys, fmt):
     assert run(capsys, "verify", str(path)) == (0, f"OK: 5 entries, {total} bytes verified\n", "")
     code, out, err = run(capsys, "verify", str(path), "--json")
     assert (code, err) == (0, "")
-    assert json.loads(out) == {"ok": True, "entries": 5, "bytes": total, "errors": {}}
+    assert json.loads(out) == {"ok": True, "entries": 5, "bytes": total, "errors": {}, "unchecked": []}
+    strip_checksums(path)
+    code, out, _ = run(capsys, "verify", str(path), "--json")
+    report = json.loads(out)
+    assert (code, report["ok"], report["unchecked"]) == (0, True, ["b", "h", "s", "step", "w"])
 
 
 def test_verify_shows_progress_only_on_a_tty(tmp_path, capsys, monkeypatch):
@@ -202,14 +213,17 @@ def test_verify_shows_progress_only_on_a_tty(tmp_path, capsys, monkeypatch):
 def flip_in_member(file, info, member_suffix):
     """Flip one byte inside an archive member of one item, where only its CRC-32 can notice."""
     raw = bytearray(file.read_bytes())
-    members = _members(raw[info.offset : info.offset + info.length])
+    members = archive_members(raw[info.offset : info.offset + info.length])
     ((start, size),) = [v for k, v in members.items() if k.endswith(member_suffix)]
     raw[info.offset + start + size // 2] ^= 0x01
     file.write_bytes(bytes(raw))
 
 
-def test_verify_lists_exactly_the_damaged_items_torch_save(tmp_path, capsys):
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "older-without-checksums"])
+def test_verify_lists_exactly_the_damaged_items_torch_save(tmp_path, capsys, checksums):
     path = save(tmp_path / "c", SerializationFormat.TORCH_SAVE)
+    if not checksums:
+        strip_checksums(path)
     infos = storage_infos(path)
     file = path / data_file(path)
     flip_in_member(file, infos["step"], "/data.pkl")
@@ -222,21 +236,30 @@ def test_verify_lists_exactly_the_damaged_items_torch_save(tmp_path, capsys):
     code, out, err = run(capsys, "verify", str(path))
     assert (code, err) == (1, "")
     lines = out.splitlines()
-    assert [line.split(":")[0] for line in lines[:-1]] == sorted(["h", "step", last_fqn])
+    failed = [line for line in lines[:-1] if ": unchecked: " not in line]
+    unchecked = [line.split(":")[0] for line in lines[:-1] if ": unchecked: " in line]
+    assert [line.split(":")[0] for line in failed] == sorted(["h", "step", last_fqn])
+    assert unchecked == ([] if checksums else sorted({"b", "h", "s", "step", "w"} - {"h", "step", last_fqn}))
     assert lines[-1] == "FAILED: 3 of 5 entries could not be read"
-    expected = {
-        "h": f"h: ValueError: {file}: cannot read item 'h' (chunk at [0, 0]): archive member",
-        "step": f"step: ValueError: {file}: cannot read item 'step': archive member",
-    }
-    for line in lines[:-1]:
+    for line in failed:
         fqn = line.split(":")[0]
         if fqn == last_fqn:
             end = last.offset + last.length
             assert line.endswith(
                 f"needs bytes [{last.offset}, {end}) but the file has {end - 1} bytes (truncated or damaged checkpoint)"
             )
-        else:
-            assert line.startswith(expected[fqn]) and line.endswith("fails its CRC-32 check (damaged data)")
+        elif checksums:
+            info = infos[fqn]
+            item = "'h' (chunk at [0, 0])" if fqn == "h" else "'step'"
+            assert line.startswith(
+                f"{fqn}: ValueError: {file}: item {item}: checksum mismatch: its {info.length} stored bytes at "
+                f"offset {info.offset} have CRC-32 0x"
+            )
+            assert line.endswith(f", the metadata recorded {info.crc32:#010x} (damaged checkpoint)")
+        else:  # the archive's own CRC-32s still catch it
+            item = "'h' (chunk at [0, 0])" if fqn == "h" else "'step'"
+            assert line.startswith(f"{fqn}: ValueError: {file}: cannot read item {item}: archive member")
+            assert line.endswith("fails its CRC-32 check (damaged data)")
 
     code, out, _ = run(capsys, "verify", str(path), "--json")
     report = json.loads(out)
@@ -257,10 +280,12 @@ def test_verify_lists_exactly_the_damaged_items_safetensors(tmp_path, capsys):
     code, out, err = run(capsys, "verify", str(path))
     assert (code, err) == (1, "")
     step_line, w_line, summary = out.splitlines()
-    assert step_line.startswith(f"step: ValueError: {step_file}: cannot read item 'step': archive member")
-    assert step_line.endswith("fails its CRC-32 check (damaged data)")
-    assert w_line.startswith(f"w: ValueError: {w_file} (offset 0): safetensors entry 'w' has offsets")
-    assert w_line.endswith(f"in a {os.path.getsize(w_file)}-byte file")
+    assert step_line.startswith(f"step: ValueError: {step_file}: item 'step': checksum mismatch: ")
+    w = infos["w"]
+    assert w_line == (
+        f"w: ValueError: {w_file}: item 'w' (chunk at [0, 0]) needs bytes [{w.offset}, {w.offset + w.length}) "
+        f"but the file has {os.path.getsize(w_file)} bytes (truncated or damaged checkpoint)"
+    )
     assert summary == "FAILED: 2 of 5 entries could not be read"
 
 

@@ -7,10 +7,10 @@ import struct
 
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save
+from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
-from dcp_filesystem._torch_save import _members
+from dcp_filesystem._torch_save import archive_members
 
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
 
@@ -88,18 +88,24 @@ def test_item_range_past_its_file(tmp_path):
     assert f"item 'b' (chunk at [0]) needs bytes [{info.offset}, {info.offset + size})" in load_error(path)
 
 
-def test_flipped_tensor_byte_fails_crc_instead_of_loading_wrong_values(tmp_path):
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "older-without-checksums"])
+def test_flipped_tensor_byte_fails_crc_instead_of_loading_wrong_values(tmp_path, checksums):
     path = tmp_path / "c"
     save(path)
+    if not checksums:
+        strip_checksums(path)
     info = storage_info(path, "w")
     data = path / info.relative_path
     raw = bytearray(data.read_bytes())
     item = raw[info.offset : info.offset + info.length]
-    start, _ = [v for k, v in _members(item).items() if "/data/" in k][0]
+    start, _ = [v for k, v in archive_members(item).items() if "/data/" in k][0]
     raw[info.offset + start + 100] ^= 0x01
     data.write_bytes(bytes(raw))
     message = load_error(path)
-    assert f"{data}: cannot read item 'w' (chunk at [0, 0])" in message and "fails its CRC-32 check" in message
+    if checksums:
+        assert f"{data}: item 'w' (chunk at [0, 0]): checksum mismatch: its {info.length} stored bytes" in message
+    else:  # the archive's own CRC-32
+        assert f"{data}: cannot read item 'w' (chunk at [0, 0])" in message and "fails its CRC-32 check" in message
 
 
 def write_header(data, header_len_override=None, header=None, keep_tail=True):

@@ -4,10 +4,10 @@ import zlib
 
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save
+from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums
 
 from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, _crc, _parallel, reader
-from dcp_filesystem._torch_save import _members
+from dcp_filesystem._torch_save import archive_members
 
 BIG = (512, 1024)  # 2 MiB of float32: above the in-place threshold
 
@@ -73,7 +73,7 @@ def _big_storage_range(path):
     (info,) = [v for k, v in md.storage_data.items() if k.fqn == "big"]
     data_file = path / info.relative_path
     raw = bytearray(data_file.read_bytes())
-    members = _members(raw[info.offset : info.offset + info.length])
+    members = archive_members(raw[info.offset : info.offset + info.length])
     ((start, size),) = [v for k, v in members.items() if k.endswith("/data/0")]
     return data_file, raw, info, info.offset + start, size
 
@@ -84,29 +84,41 @@ def _load_error(path):
     return str(caught.value)
 
 
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "older-without-checksums"])
 @pytest.mark.parametrize("parts", ["one", "three"])
-def test_flipped_storage_byte_fails_the_crc(tmp_path, request, parts):
+def test_flipped_storage_byte_fails_the_crc(tmp_path, request, parts, checksums):
     if parts == "three":
         request.getfixturevalue("small_parts")
     dcp_save(big_state(), FileSystemWriter(tmp_path))
-    data_file, raw, _, start, size = _big_storage_range(tmp_path)
+    if not checksums:
+        strip_checksums(tmp_path)
+    data_file, raw, info, start, size = _big_storage_range(tmp_path)
     raw[start + size - 7] ^= 0x10
     data_file.write_bytes(bytes(raw))
     message = _load_error(tmp_path)
-    item = f"{data_file}: cannot read item 'big' (chunk at [0, 0])"
-    assert f"{item}: archive member 'archive/data/0' fails its CRC-32 check (damaged data)" in message
+    if checksums:  # the item's checksum, joined from the storage's CRC-32 and the archive's edges
+        item = f"{data_file}: item 'big' (chunk at [0, 0])"
+        assert f"{item}: checksum mismatch: its {info.length} stored bytes at offset {info.offset}" in message
+    else:
+        item = f"{data_file}: cannot read item 'big' (chunk at [0, 0])"
+        assert f"{item}: archive member 'archive/data/0' fails its CRC-32 check (damaged data)" in message
 
 
-def test_damaged_central_directory_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "older-without-checksums"])
+def test_damaged_central_directory_is_a_clear_error(tmp_path, checksums):
     dcp_save(big_state(), FileSystemWriter(tmp_path))
+    if not checksums:
+        strip_checksums(tmp_path)
     data_file, raw, info, _, _ = _big_storage_range(tmp_path)
     end = info.offset + info.length
     raw[end - 22 : end - 18] = b"XXXX"  # the end-of-central-directory signature
     data_file.write_bytes(bytes(raw))
     message = _load_error(tmp_path)
-    assert f"{data_file}: cannot read item 'big' (chunk at [0, 0]): torch.save archive has no valid end-of-central" in (
-        message
-    )
+    if checksums:  # the whole item is read and checked before its archive is parsed
+        assert f"{data_file}: item 'big' (chunk at [0, 0]): checksum mismatch" in message
+    else:
+        item = f"{data_file}: cannot read item 'big' (chunk at [0, 0])"
+        assert f"{item}: torch.save archive has no valid end-of-central" in message
 
 
 def test_truncated_file_names_the_item(tmp_path):
@@ -139,11 +151,34 @@ def test_what_cannot_go_in_place_is_decoded(tmp_path, decoded, saved, target):
 
 
 def test_parallel_crc_equals_zlib(monkeypatch):
-    monkeypatch.setattr(_crc, "_PART_BYTES", 1000)
-    monkeypatch.setattr(_crc.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(_parallel, "_PART_BYTES", 1000)
+    monkeypatch.setattr(_parallel, "_cores", lambda: 3)
     for size in (0, 999, 2000, 2001, 7777, 30011):
         data = memoryview(os.urandom(size))
-        assert _crc.crc32(data) == zlib.crc32(data), size
+        assert _parallel.crc32(data) == zlib.crc32(data), size
+    # The cores are shared among jobs running at once: with 3 sharing, one part each.
+    parts = []
+    monkeypatch.setattr(_parallel, "run_in_threads", lambda tasks, name: parts.append(len(tasks)))
+    _parallel.crc32(memoryview(os.urandom(30011)), sharing=3)
+    assert parts == []
+
+
+def test_errors_of_every_thread_reach_the_caller():
+    def fail(n):
+        raise OSError(f"part {n} failed")
+
+    with pytest.raises(OSError, match="part 1 failed"):
+        _parallel.run_in_threads([lambda: 0, lambda: fail(1), lambda: fail(2)], "test")
+    seen = []
+
+    def work(item):
+        seen.append(item)
+        if item == 3:
+            raise KeyError(item)
+
+    with pytest.raises(KeyError):
+        _parallel.for_each(range(100), work, 1, "test")
+    assert seen == [0, 1, 2, 3]  # nothing started after the failure
 
 
 def test_crc32_combine_equals_zlib_of_the_concatenation():
@@ -212,6 +247,10 @@ def test_streams_without_a_descriptor_are_read_in_place_and_crc_checked(tmp_path
     data_file.write_bytes(bytes(raw))
     fs_reader = FileSystemReader(tmp_path)
     fs_reader.fs = _StreamsWithoutFileno()
+    with pytest.raises(BaseException) as caught:
+        dcp_load(destination(), fs_reader)
+    assert "item 'big' (chunk at [0, 0]): checksum mismatch" in str(caught.value)
+    strip_checksums(tmp_path)
     with pytest.raises(BaseException) as caught:
         dcp_load(destination(), fs_reader)
     assert "archive member 'archive/data/0' fails its CRC-32 check (damaged data)" in str(caught.value)

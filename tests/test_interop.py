@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zlib
 
 import pytest
 import torch
@@ -105,14 +106,17 @@ def _assert_metadata_is_torchs(ckpt, with_zstd):
     assert b"torch.distributed.checkpoint.filesystem" in raw and b"_StorageInfo" in raw
     md = pickle.loads(raw)
     assert md.storage_data
+    data = {name: (ckpt / name).read_bytes() for name in {i.relative_path for i in md.storage_data.values()}}
     for info in md.storage_data.values():
         assert type(info) is torch_fs._StorageInfo
+        # Ours: the CRC-32 of the item's stored bytes, an attribute stock torch never reads.
+        assert info.crc32 == zlib.crc32(data[info.relative_path][info.offset : info.offset + info.length])
         if with_zstd:
-            assert vars(info).keys() == {"relative_path", "offset", "length", "transform_descriptors"}
+            assert vars(info).keys() == {"relative_path", "offset", "length", "transform_descriptors", "crc32"}
             assert list(info.transform_descriptors) == ["stream.zstd/1"]
         else:
             # As upstream: the field is left out when there are no extensions, so old readers see what they know.
-            assert vars(info).keys() == {"relative_path", "offset", "length"}
+            assert vars(info).keys() == {"relative_path", "offset", "length", "crc32"}
 
 
 # name -> (FileSystemWriter options, written with ZStandard)

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
-from dcp_filesystem._format import SAFETENSORS_DTYPES
+from dcp_filesystem._safetensors import DTYPES as SAFETENSORS_DTYPES
 
 SAFETENSORS = SerializationFormat.SAFETENSORS
 safetensors = pytest.importorskip("safetensors")

@@ -48,6 +48,10 @@ assert tfs.FileSystemWriter is writer_before and tfs.FileSystemReader is reader_
 assert tfs._StorageInfo is info_before and dict(vars(tfs._StorageInfo)) == info_state_before
 assert dcpfs.FileSystemWriter is not tfs.FileSystemWriter
 assert dcpfs.FileSystemWriter.__module__ == "mypkg._vendor.dcpfs.writer", dcpfs.FileSystemWriter.__module__
+import logging
+# Logs go to the vendored package's own logger, never to one named dcp_filesystem.
+assert dcpfs.writer.logger is logging.getLogger("mypkg._vendor.dcpfs") is dcpfs.reader.logger
+assert "dcp_filesystem" not in logging.root.manager.loggerDict
 
 g = torch.Generator().manual_seed(7)
 state = {

@@ -1,0 +1,114 @@
+"""Checksums of what this package writes: a CRC-32 of every item's stored bytes, and of ``.metadata``.
+
+Every item (a tensor in either format, a non-tensor value, a stream-transformed
+payload) is stored as one run of bytes ``[offset, offset + length)`` of a data
+file, and its storage info in ``.metadata`` says where. The CRC-32 (zlib's) of
+exactly that run is kept in the same storage info, as an extra attribute
+``crc32``:
+
+- it is known only once the item is written, and ``.metadata`` is written after
+  every data file, so no stream ever seeks back (object stores cannot) and no
+  second pass over the bytes is needed: the CRC is computed as they are written
+  (large writes on a second thread, beside the write);
+- data files keep their exact formats: a SAFETENSORS file stays a valid
+  safetensors file, a torch.save archive stays one;
+- stock torch unpickles the attribute into the storage info's ``__dict__`` and
+  never looks at it, on every torch this package supports; older checkpoints and
+  stock-written ones have none, and their items load unchecked.
+
+``.metadata`` itself ends with a 12-byte trailer after its pickle: a magic and
+the CRC-32 of the pickle. ``pickle.load`` stops at the pickle's end, so stock
+torch reads the file as before; a damaged pickle could otherwise load with other
+offsets or shapes and put the right bytes in the wrong places.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import IO, Any, Optional
+
+from ._crc import crc32_combine
+from ._parallel import write_with_crc as _write_beside_crc
+
+_FIELD = "crc32"
+# Writes this large get their CRC-32 computed on a second thread while they are written.
+_OVERLAP_BYTES = 1 << 20
+_TRAILER_MAGIC = b"DCPCRC32"
+_TRAILER = struct.Struct("<8sI")
+
+
+def stored_crc32(info: Any) -> Optional[int]:
+    """The CRC-32 recorded for an item's stored bytes, or None where there is none (stock torch, older ours)."""
+    return getattr(info, _FIELD, None)
+
+
+def record_crc32(info: Any, crc: int) -> None:
+    setattr(info, _FIELD, crc)
+
+
+def check(name: str, item: str, info: Any, crc: int) -> None:
+    """Raise if the item's stored bytes, whose CRC-32 is ``crc``, are not what was written."""
+    expected = stored_crc32(info)
+    if expected is not None and expected != crc:
+        raise ValueError(
+            f"{name}: item {item}: checksum mismatch: its {info.length} stored bytes at offset {info.offset} "
+            f"have CRC-32 {crc:#010x}, the metadata recorded {expected:#010x} (damaged checkpoint)"
+        )
+
+
+class ChecksummingWriter:
+    """A write stream that keeps the CRC-32 of what was written since ``start_item``."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.crc = 0
+
+    def start_item(self) -> None:
+        self.crc = 0
+
+    def write(self, data: Any) -> int:
+        self.write_with_crc(data)
+        return memoryview(data).nbytes
+
+    def write_with_crc(self, data: Any) -> int:
+        """Write ``data``; the CRC-32 of ``data`` alone."""
+        view = memoryview(data).cast("B")
+        if len(view) < _OVERLAP_BYTES:
+            self.stream.write(view)
+            crc = zlib.crc32(view)
+            self.crc = zlib.crc32(view, self.crc)
+            return crc
+        crc = _write_beside_crc(self.stream, view)
+        self.crc = crc32_combine(self.crc, crc, len(view))
+        return crc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def write_with_crc(stream: IO[bytes], data: memoryview) -> int:
+    """Write ``data`` to ``stream``; the CRC-32 of ``data``, computed once however many need it."""
+    if isinstance(stream, ChecksummingWriter):
+        return stream.write_with_crc(data)
+    if len(data) < _OVERLAP_BYTES:
+        stream.write(data)
+        return zlib.crc32(data)
+    return _write_beside_crc(stream, data)
+
+
+def with_trailer(pickled: bytes) -> bytes:
+    """``.metadata``'s bytes: the pickle, then its CRC-32 trailer."""
+    return pickled + _TRAILER.pack(_TRAILER_MAGIC, zlib.crc32(pickled))
+
+
+def checked_pickle(data: bytes, name: str) -> bytes:
+    """The pickle of a ``.metadata`` file, checked against its trailer where it has one."""
+    if len(data) < _TRAILER.size:
+        return data
+    magic, crc = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+    if magic != _TRAILER_MAGIC:
+        return data  # written by stock torch or an older version of this package
+    pickled = data[: -_TRAILER.size]
+    if zlib.crc32(pickled) != crc:
+        raise ValueError(f"{name}: checksum mismatch: the metadata is damaged (its CRC-32 does not match)")
+    return pickled

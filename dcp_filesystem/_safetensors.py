@@ -1,0 +1,189 @@
+"""The SAFETENSORS format: data files that are valid safetensors files.
+
+This package writes one safetensors file per data file: the header (dtype,
+shape and offsets of every entry, and DCP's sharding info in ``__metadata__``)
+first, then every item's raw bytes back to back. A tensor is stored under its
+fqn, or ``fqn@offsets`` where one file holds several chunks of it; a non-tensor
+value as a uint8 entry of its bytes. An item's storage info points at its raw
+bytes, inside the file's data section.
+
+Stock torch 2.8+ writes the same kind of file, but an item's storage info
+points at the file's header (offset 0), and the item is found by its fqn.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch.distributed.checkpoint.planner import WriteItem
+
+from . import _compat
+
+SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
+DCP_VERSION_KEY = "DCP_VERSION"
+DCP_VERSION_VALUE = "1.0"
+FORMAT_KEY = "format"
+FORMAT_VALUE = "pt"
+BYTE_IO_KEY = "DCP_BYTE_IO"
+HEADER_METADATA_KEY = "__metadata__"
+MAX_HEADER_BYTES = 100_000_000
+SNIFF_BYTES = 9  # the header's length, then its opening brace
+
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    **_compat.float8_dtypes(),
+}
+_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+class Entry(NamedTuple):
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    begin: int  # absolute file offset
+    end: int
+
+
+class Header(NamedTuple):
+    data_start: int  # absolute file offset of the data section
+    entries: Dict[str, Entry]
+    metadata: Dict[str, str]
+
+
+def dtype_name(dtype: torch.dtype, key: str) -> str:
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"SAFETENSORS format cannot store {key!r}: dtype {dtype} has no safetensors name "
+            f"(supported: {', '.join(str(d) for d in _NAMES)})"
+        ) from None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel
+
+
+def chunk_key(fqn: str, offsets: Sequence[int]) -> str:
+    """The key of one chunk of a tensor, where a data file holds several chunks of it."""
+    return f"{fqn}@{','.join(str(o) for o in offsets)}"
+
+
+def _encode_header(entries: Sequence[Tuple[str, torch.dtype, Sequence[int], int]], metadata: Dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header for ``entries`` laid out back to back in order."""
+    header: Dict[str, Any] = {HEADER_METADATA_KEY: metadata}
+    position = 0
+    for key, dtype, shape, nbytes in entries:
+        offsets = [position, position + nbytes]
+        header[key] = {"dtype": dtype_name(dtype, key), "shape": list(shape), "data_offsets": offsets}
+        position += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(len(text) + 8) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _chunk_nbytes(item: WriteItem) -> int:
+    """Bytes of the chunk a tensor write item stores."""
+    return _numel(item.tensor_data.chunk.sizes) * torch._utils._element_size(item.tensor_data.properties.dtype)
+
+
+def file_layout(
+    byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem]
+) -> Tuple[bytes, Dict[int, Tuple[str, int]]]:
+    """The header of a data file holding these items in this order and, per item id, its key and byte count."""
+    fqn_counts: Dict[str, int] = {}
+    for wi in tensor_items:
+        fqn_counts[wi.index.fqn] = fqn_counts.get(wi.index.fqn, 0) + 1
+    entries = []
+    layout: Dict[int, Tuple[str, int]] = {}
+    sharding: Dict[str, Any] = {}
+    for wi, data in byte_items:
+        nbytes = data.getbuffer().nbytes
+        entries.append((wi.index.fqn, torch.uint8, (nbytes,), nbytes))
+        layout[id(wi)] = (wi.index.fqn, nbytes)
+    for wi in tensor_items:
+        offsets = list(wi.tensor_data.chunk.offsets)
+        key = wi.index.fqn if fqn_counts[wi.index.fqn] == 1 else chunk_key(wi.index.fqn, offsets)
+        nbytes = _chunk_nbytes(wi)
+        entries.append((key, wi.tensor_data.properties.dtype, tuple(wi.tensor_data.chunk.sizes), nbytes))
+        layout[id(wi)] = (key, nbytes)
+        sharding[key] = {"saved_offsets": offsets}
+    metadata = {SHARDING_INFO_KEY: json.dumps(sharding), DCP_VERSION_KEY: DCP_VERSION_VALUE, FORMAT_KEY: FORMAT_VALUE}
+    if byte_items:
+        metadata[BYTE_IO_KEY] = json.dumps([wi.index.fqn for wi, _ in byte_items])
+    return _encode_header(entries, metadata), layout
+
+
+def looks_like_header(head: bytes) -> bool:
+    """Whether bytes start a safetensors header: an 8-byte little-endian length, then the JSON's brace."""
+    return len(head) >= SNIFF_BYTES and head[8:9] == b"{"
+
+
+def read_header(read_at: Callable[[int, int], bytes], base: int, file_size: int, where: str) -> Optional[Header]:
+    """The bounds-checked safetensors header that begins at ``base``; None where none begins there.
+
+    ``read_at(offset, n)`` returns up to n bytes at an absolute offset.
+    """
+    start = read_at(base, SNIFF_BYTES)
+    if not looks_like_header(start):
+        return None
+    (header_len,) = struct.unpack("<Q", start[:8])
+    if header_len > MAX_HEADER_BYTES or base + 8 + header_len > file_size:
+        raise ValueError(
+            f"{where}: safetensors header length {header_len} is larger than the file "
+            f"({file_size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
+        )
+    try:
+        header = json.loads(read_at(base + 8, header_len))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{where}: safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: safetensors header is not a JSON object")
+    data_start = base + 8 + header_len
+    metadata = header.pop(HEADER_METADATA_KEY, None) or {}
+    entries: Dict[str, Entry] = {}
+    for key, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: safetensors entry {key!r} is malformed: {info!r}") from None
+        nbytes = _numel(shape) * torch._utils._element_size(dtype)
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > file_size:
+            raise ValueError(
+                f"{where}: safetensors entry {key!r} has offsets {[begin, end]} that do not fit "
+                f"shape {list(shape)} of {info['dtype']} in a {file_size}-byte file"
+            )
+        entries[key] = Entry(dtype, shape, data_start + begin, data_start + end)
+    return Header(data_start, entries, metadata if isinstance(metadata, dict) else {})
+
+
+def find_entry(header: Header, fqn: str, offsets: Optional[Sequence[int]], begin: int, end: int) -> Optional[Entry]:
+    """The entry of this package's file that holds the item stored at ``[begin, end)``."""
+    keys = [fqn] if offsets is None else [fqn, chunk_key(fqn, offsets)]
+    for key in keys:
+        entry = header.entries.get(key)
+        if entry is not None and entry.begin == begin and entry.end == end:
+            return entry
+    return None
+
+
+def stock_entry(header: Optional[Header], fqn: str) -> Optional[Entry]:
+    """The entry of an item in a stock torch file, whose storage info points at the file's header."""
+    return None if header is None else header.entries.get(fqn)
