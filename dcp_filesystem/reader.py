@@ -19,6 +19,7 @@ from torch.futures import Future
 from . import _compat
 from ._bytes import tensor_bytes, tensor_from_bytes
 from ._crc import crc32
+from ._device_reads import DeviceReads
 from ._format import (
     SafetensorsEntry,
     SafetensorsHeader,
@@ -73,6 +74,7 @@ class _DataFile:
         self._headers: Dict[int, Optional[SafetensorsHeader]] = {}
         self._ahead_start = 0
         self._ahead = memoryview(b"")
+        self.device_reads = DeviceReads()  # pinned buffers for device targets, allocated on first use
 
     def read_ahead(self, start: int, end: int) -> None:
         start, end = max(start, 0), min(end, self.size)  # ranges outside the file fail where they are read
@@ -346,7 +348,10 @@ class FileSystemReader(StorageReader):
         if plain is None or any(req.storage_offsets) or tuple(req.lengths) != plain.size:
             return False
         target = planner.resolve_tensor(req).detach()
-        if target.dtype != plain.dtype or target.device.type != "cpu" or not target.is_contiguous():
+        on_device = target.device.type != "cpu"
+        if on_device and not data_file.device_reads.accepts(target):
+            return False  # no pinned memory for that device: the decoded tensor is copied there
+        if target.dtype != plain.dtype or not (on_device or target.is_contiguous()):
             return False
         if tuple(target.size()) != plain.size:
             raise ValueError(
@@ -354,8 +359,12 @@ class FileSystemReader(StorageReader):
                 f"but the load plan expects {list(target.size())}"
             )
         data_file.check_range(plain.start, plain.nbytes, req)
-        view = tensor_bytes(target)
-        got, crc = data_file.readinto_with_crc(plain.start, view, bool(plain.crc))
+        if on_device:  # through pinned buffers; every copy has finished when it returns
+            got, crc = data_file.device_reads.read_into(
+                target, data_file.readinto_with_crc, plain.start, plain.nbytes, bool(plain.crc)
+            )
+        else:
+            got, crc = data_file.readinto_with_crc(plain.start, tensor_bytes(target), bool(plain.crc))
         if got != plain.nbytes:
             raise ValueError(
                 f"{data_file.name}: item {_describe(req)}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
