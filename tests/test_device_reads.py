@@ -43,11 +43,12 @@ class Stream:
 
     def __init__(self, device=None, name=None):
         self.device = torch.device(device) if device is not None else DEV[0]
-        self.name = name or "copy%d@%d" % (len(streams), self.device.index)
         self.thread = threading.get_ident()
         self.queue, self.issued, self.done = [], 0, 0
-        if name is None:
-            streams.append(self)
+        with lock:  # reader threads make their streams at the same time: names must stay unique
+            self.name = name or "copy%d@%d" % (len(streams), self.device.index)
+            if name is None:
+                streams.append(self)
 
     def enqueue(self, op):
         with lock:
@@ -130,10 +131,6 @@ class Guard(torch._C._acc.DeviceGuard):
 torch._C._acc.register_python_privateuseone_device_guard(Guard())
 
 
-def address(t):
-    return t.data_ptr()
-
-
 class FT(torch.Tensor):
     # A tensor on a fake device: its bytes live in the CPU tensor .inner.
     @staticmethod
@@ -167,7 +164,7 @@ class FT(torch.Tensor):
                 from_buffer = not isinstance(src, FT)
                 snapshot = src_inner.clone() if from_buffer else None
                 log.append(("copy_issued", s.name, str(s.device), str(dst.device), from_buffer,
-                            address(src_inner), src_inner.numel() * src_inner.element_size(), threading.get_ident()))
+                            src_inner.data_ptr(), src_inner.numel() * src_inner.element_size(), threading.get_ident()))
 
                 def op():
                     if snapshot is not None and not torch.equal(src_inner, snapshot):
@@ -555,3 +552,17 @@ def test_module_direct_empty_scalar_and_short_read(fake_loads):
     assert got["short"] == [580, zlib.crc32(content[700:])]
     assert got["short_bytes"] == list(content[700:]) + [0] * 420
     assert got["allocs"] == 1 and got["pending"] == [0, 0]
+
+
+def test_no_pinned_memory_without_an_accelerator():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: it has pinned memory")
+    from dcp_filesystem import _compat
+    from dcp_filesystem._device_reads import DeviceReads
+
+    if _compat.available_device_type() is not None:
+        pytest.skip("a privateuse1 device is available in this process")
+    assert _compat.pinned_host_allocator("cuda") is None
+    assert _compat.pinned_host_allocator("meta") is None
+    assert not DeviceReads.accepts(torch.zeros(3))
+    assert not DeviceReads.accepts(torch.zeros(3, device="meta"))
