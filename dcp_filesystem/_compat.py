@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as _dcp
@@ -90,6 +91,28 @@ def available_device_type() -> Optional[str]:
     if module is not None and hasattr(module, "is_available") and module.is_available():
         return name
     return None
+
+
+def _pinned_bytes(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+@functools.cache
+def pinned_host_allocator(device_type: str) -> Optional[Callable[[int], torch.Tensor]]:
+    """How to allocate ``n`` bytes of page-locked host memory for asynchronous copies to ``device_type``
+    (a uint8 CPU tensor), or None where there is none: no accelerator of that type, a device module
+    without streams and events, or a device that cannot pin host memory (a Python-defined privateuse1
+    device registers no host allocator). Probed once per device type."""
+    if device_type != available_device_type():
+        return None  # torch pins host memory for the current accelerator only
+    module = device_module(device_type)
+    if not all(hasattr(module, name) for name in ("Stream", "Event", "stream", "current_stream")):
+        return None
+    try:
+        pinned = _pinned_bytes(1).is_pinned()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return _pinned_bytes if pinned else None
 
 
 def cpu_copy(value: Any) -> Any:

@@ -19,6 +19,7 @@ from torch.futures import Future
 from . import _checksum, _compat, _safetensors
 from ._bytes import tensor_bytes, tensor_from_bytes
 from ._crc import crc32_combine
+from ._device_reads import DeviceReads
 from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, stored_as, transform_descriptors_of
 from ._gc import gc_paused
 from ._parallel import crc32, for_each, pread_into, preadv_descriptor, worker_count
@@ -63,6 +64,7 @@ class _DataFile:
         self._headers: Dict[int, Optional[_safetensors.Header]] = {}
         self._ahead_start = 0
         self._ahead = memoryview(b"")
+        self.device_reads = DeviceReads()  # pinned buffers for device targets, allocated on first use
 
     def read_ahead(self, start: int, end: int) -> None:
         start, end = max(start, 0), min(end, self.size)  # ranges outside the file fail where they are read
@@ -338,7 +340,10 @@ class FileSystemReader(StorageReader):
             return False
         plain, before, after = found
         target = planner.resolve_tensor(req).detach()
-        if target.dtype != plain.dtype or target.device.type != "cpu" or not target.is_contiguous():
+        on_device = target.device.type != "cpu"
+        if on_device and not data_file.device_reads.accepts(target):
+            return False  # no pinned memory for that device: the decoded tensor is copied there
+        if target.dtype != plain.dtype or not (on_device or target.is_contiguous()):
             return False
         if tuple(target.size()) != plain.size:
             raise ValueError(
@@ -347,7 +352,13 @@ class FileSystemReader(StorageReader):
             )
         data_file.check_range(plain.start, plain.nbytes, req)
         checked = _checksum.stored_crc32(info) is not None
-        got, crc = data_file.readinto_with_crc(plain.start, tensor_bytes(target), checked or bool(plain.crc))
+        with_crc = checked or bool(plain.crc)
+        if on_device:  # through pinned buffers; every copy has finished when it returns
+            got, crc = data_file.device_reads.read_into(
+                target, data_file.readinto_with_crc, plain.start, plain.nbytes, with_crc
+            )
+        else:
+            got, crc = data_file.readinto_with_crc(plain.start, tensor_bytes(target), with_crc)
         if got != plain.nbytes:
             raise ValueError(
                 f"{data_file.name}: item {_describe(req)}: read {got} of {plain.nbytes} bytes at offset {plain.start}"

@@ -16,7 +16,7 @@ from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import dcp_filesystem.writer
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat, _device_reads
 from dcp_filesystem.loaders import _OverlappingCpuLoader, _SerialCpuLoader
 
 _NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch with CUDA)")
@@ -223,3 +223,101 @@ def test_large_roundtrip_on_cuda(tmp_path, made_loaders, threads, fmt):
     _assert_loaders(made_loaders, "cuda", threads, DEFAULT_COPY_AHEAD)
     assert _assert_stored_compactly(path, fmt) == 8
     shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------- loads through pinned buffers
+
+
+@pytest.fixture
+def pinned_reads(monkeypatch):
+    """Every pinned buffer allocated ((bytes, pinned?, thread)) and every read_into ((device, bytes)) of a load."""
+    allocated, reads = [], []
+    real_allocator = _compat.pinned_host_allocator
+
+    def allocator(device_type):
+        allocate = real_allocator(device_type)
+        if allocate is None:
+            return None
+
+        def recording(nbytes):
+            tensor = allocate(nbytes)
+            allocated.append((nbytes, tensor.is_pinned(), threading.get_ident()))
+            return tensor
+
+        return recording
+
+    real_read_into = _device_reads.DeviceReads.read_into
+
+    def read_into(self, target, read, offset, nbytes, with_crc):
+        reads.append((str(target.device), nbytes))
+        return real_read_into(self, target, read, offset, nbytes, with_crc)
+
+    monkeypatch.setattr(_compat, "pinned_host_allocator", allocator)
+    monkeypatch.setattr(_device_reads.DeviceReads, "read_into", read_into)
+    return allocated, reads
+
+
+def _pinned_load_state(devices):
+    """1 GiB and a little: bf16 and float32 tensors much larger than a pinned buffer, an odd size whose
+    chunks do not line up with the buffers, a 0-d and an empty tensor; tensor i on devices[i % len]."""
+    g = torch.Generator(device="cuda").manual_seed(19)
+    state = {}
+    for i in range(4):
+        state[f"bf16_{i}"] = torch.randn(8192, 8192, generator=g, device="cuda").to(torch.bfloat16)
+        state[f"f32_{i}"] = torch.randn(4096, 8192, generator=g, device="cuda")
+    state["odd"] = torch.randn(1000 * 777 * 43 + 3, generator=g, device="cuda")
+    state["scalar"] = torch.tensor(-2.75, device="cuda").to(torch.bfloat16)
+    state["empty"] = torch.empty(0, 5, device="cuda")
+    return {k: v.to(devices[i % len(devices)]) for i, (k, v) in enumerate(sorted(state.items()))}
+
+
+def _pinned_load_targets(state):
+    """Zeroed targets on each tensor's device; f32_1 a contiguous view at an offset into a larger base,
+    bf16_1 a non-contiguous view (both bases are returned, to check what lies outside the view)."""
+    targets = {k: torch.zeros_like(v) for k, v in state.items()}
+    offset_base = torch.zeros(4096 + 5, 8192, device=state["f32_1"].device)
+    targets["f32_1"] = offset_base.narrow(0, 3, 4096)
+    strided_base = torch.zeros(8192, 8192 + 8, dtype=torch.bfloat16, device=state["bf16_1"].device)
+    targets["bf16_1"] = strided_base.narrow(1, 4, 8192)
+    assert targets["f32_1"].is_contiguous() and targets["f32_1"].storage_offset() == 3 * 8192
+    assert not targets["bf16_1"].is_contiguous()
+    return targets, offset_base, strided_base
+
+
+def _check_pinned_load(tmp_path, pinned_reads, fmt, threads, devices):
+    state = _pinned_load_state(devices)
+    assert sum(t.numel() * t.element_size() for t in state.values()) >= 1024 * MiB
+    path = tmp_path / "ckpt"
+    dcp_save(state, FileSystemWriter(path, thread_count=threads, serialization_format=fmt))
+    targets, offset_base, strided_base = _pinned_load_targets(state)
+    before = {k: (t.device, t.data_ptr(), t.stride()) for k, t in targets.items()}
+    dcp_load(targets, FileSystemReader(path, thread_count=threads))
+    assert {k: (t.device, t.data_ptr(), t.stride()) for k, t in targets.items()} == before
+    for k, v in state.items():
+        assert targets[k].dtype == v.dtype and targets[k].shape == v.shape, k
+        assert torch.equal(targets[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+    assert not offset_base[:3].any() and not offset_base[4099:].any()
+    assert not strided_base[:, :4].any() and not strided_base[:, 8196:].any()
+    allocated, reads = pinned_reads
+    # Every tensor read in place went through pinned buffers: never more than two of 32 MiB per data file.
+    assert allocated and all(a[:2] == (_device_reads._BUFFER_BYTES, True) for a in allocated)
+    assert len(allocated) <= 2 * len(_data_files(path))
+    big = {k for k, v in state.items() if v.numel() * v.element_size() >= MiB}
+    expected = {(str(state[k].device), state[k].numel() * state[k].element_size()) for k in big}
+    assert expected <= set(reads)
+    shutil.rmtree(path)
+
+
+@pytest.mark.gpu
+@_NEEDS_CUDA
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("threads", [1, 4])
+def test_pinned_load_on_cuda_bit_exact(tmp_path, pinned_reads, threads, fmt):
+    _check_pinned_load(tmp_path, pinned_reads, fmt, threads, ["cuda:0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pinned_load_on_two_cuda_devices(tmp_path, pinned_reads, fmt):
+    _check_pinned_load(tmp_path, pinned_reads, fmt, 2, ["cuda:0", "cuda:1"])
