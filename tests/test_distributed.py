@@ -43,6 +43,24 @@ def replicated_tensor():
     return torch.arange(10, dtype=torch.int64) * 1_000_000_007
 
 
+def object_collectives_without_numpy():
+    """torch 2.1's object collectives (gather_object, scatter_object_list) decode with
+    tensor.numpy(); where there is no NumPy, decode the same bytes without it. Only torch's
+    transport of pickled plans changes; nothing of dcp_filesystem does."""
+    try:
+        torch.zeros(1, dtype=torch.uint8).numpy()
+    except RuntimeError:
+        import io
+
+        import torch.distributed.distributed_c10d as c10d
+
+        def _tensor_to_object(tensor, tensor_size, *args, **kwargs):
+            buf = bytes(tensor.cpu().reshape(-1).tolist())[:tensor_size]
+            return c10d._unpickler(io.BytesIO(buf)).load()
+
+        c10d._tensor_to_object = _tensor_to_object
+
+
 _WORKER = r"""
 import inspect, os, sys, warnings
 REPO, OUT, INIT, RANK = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -55,23 +73,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 from helpers import SAVE_HAS_USE_COLLECTIVES, dcp_load, dcp_save, probe_stock_torch
-from test_distributed import _dtensor_api, full_tensor, replicated_tensor
+from test_distributed import _dtensor_api, full_tensor, object_collectives_without_numpy, replicated_tensor
 
-try:
-    torch.zeros(1, dtype=torch.uint8).numpy()
-except RuntimeError:
-    # torch 2.1's object collectives (gather_object, scatter_object_list) decode with
-    # tensor.numpy(), and this environment has no NumPy: decode the same bytes without it.
-    # Only torch's transport of pickled plans changes; nothing of dcp_filesystem does.
-    import io as _io
-    import torch.distributed.distributed_c10d as _c10d
-
-    def _tensor_to_object(tensor, tensor_size, *args, **kwargs):
-        buf = bytes(tensor.cpu().reshape(-1).tolist())[:tensor_size]
-        return _c10d._unpickler(_io.BytesIO(buf)).load()
-
-    _c10d._tensor_to_object = _tensor_to_object
-
+object_collectives_without_numpy()
 probe_stock_torch()
 dist.init_process_group("gloo", init_method="file://" + INIT, rank=RANK, world_size=2)
 api = _dtensor_api()
@@ -146,13 +150,10 @@ os._exit(0)
 """
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    if not HAS_DTENSOR:
-        pytest.skip("this torch has no torch.distributed DTensor API (distribute_tensor, Shard, DeviceMesh)")
+def run_two_ranks(worker, out):
+    """Run ``worker`` (Python source) as ranks 0 and 1 of a gloo group; returns what each saved to rank{r}.pt."""
     if not dist.is_gloo_available():
         pytest.skip("this torch was built without gloo")
-    out = tmp_path_factory.mktemp("dist")
     init = out / "init_store"
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -164,7 +165,7 @@ def two_ranks(tmp_path_factory):
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", _WORKER, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S)],
+                [sys.executable, "-c", worker, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S)],
                 env=env, cwd=str(out), stdout=log, stderr=subprocess.STDOUT,
             )
         )  # fmt: skip
@@ -187,8 +188,15 @@ def two_ranks(tmp_path_factory):
     codes = [p.returncode for p in procs]
     logs_text = "\n---\n".join(t[-6000:] for t in texts)
     assert codes == [0, 0], f"workers failed {codes}:\n{logs_text}"
-    results = [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    return out, results
+    return [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not HAS_DTENSOR:
+        pytest.skip("this torch has no torch.distributed DTensor API (distribute_tensor, Shard, DeviceMesh)")
+    out = tmp_path_factory.mktemp("dist")
+    return out, run_two_ranks(_WORKER, out)
 
 
 def _metadata(path, name=".metadata"):
@@ -298,3 +306,4 @@ def test_rank_local_metadata_driven(tmp_path, fmt):
     metadata = load_rank_local(FileSystemReader(path), target, rank=3)
     assert {info.relative_path for info in metadata.storage_data.values()} == {new_name}
     assert_state_equal(_local_state(2), target)
+
