@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 
@@ -30,3 +31,11 @@ def tensor_from_bytes(buffer: bytearray, dtype: torch.dtype, shape: tuple) -> to
     if len(buffer) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def chunk_nbytes(item: Any) -> int:
+    """Bytes of the chunk a tensor WriteItem stores."""
+    numel = 1
+    for size in item.tensor_data.chunk.sizes:
+        numel *= size
+    return numel * torch._utils._element_size(item.tensor_data.properties.dtype)

@@ -25,9 +25,12 @@ _PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
 _BYTES_PER_THREAD = 16 << 20
 
 
-def run_in_threads(tasks: Sequence[Callable[[], T]], name: str) -> List[T]:
+def run_in_threads(tasks: Sequence[Callable[[], T]], name: str, stop: Optional[Callable[[], None]] = None) -> List[T]:
     """Each task's result, in order: the first task runs in the calling thread, the others on
-    threads of their own. All are waited for; then the first error, in task order, is raised."""
+    threads of their own. All are waited for; then the first error, in task order, is raised.
+
+    ``stop`` is called when a task fails, or when the wait is interrupted (Ctrl-C), to make the
+    others finish early; the interrupted wait goes on until they have, then raises."""
     results: List[Optional[T]] = [None] * len(tasks)
     errors: List[Optional[BaseException]] = [None] * len(tasks)
 
@@ -36,16 +39,27 @@ def run_in_threads(tasks: Sequence[Callable[[], T]], name: str) -> List[T]:
             results[i] = tasks[i]()
         except BaseException as e:  # noqa: B036 - re-raised in the calling thread
             errors[i] = e
+            if stop is not None:
+                stop()
 
     threads = [threading.Thread(target=run, args=(i,), name=f"{__package__}-{name}-{i}") for i in range(1, len(tasks))]
     for thread in threads:
         thread.start()
+    interrupted: Optional[BaseException] = None
     try:
         if tasks:
             run(0)
     finally:
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except BaseException as e:  # noqa: B036 - raised once every thread has finished
+                    interrupted = interrupted or e
+                    if stop is not None:
+                        stop()
+    if interrupted is not None:
+        raise interrupted
     for error in errors:
         if error is not None:
             raise error
@@ -64,13 +78,9 @@ def for_each(items: Iterable[T], work: Callable[[T], None], threads: int, name: 
                 item = next(pending, _DONE)
             if item is _DONE:
                 return
-            try:
-                work(item)  # type: ignore[arg-type]
-            except BaseException:
-                failed.set()
-                raise
+            work(item)  # type: ignore[arg-type]
 
-    run_in_threads([drain] * max(1, threads), name)
+    run_in_threads([drain] * max(1, threads), name, stop=failed.set)
 
 
 _DONE = object()

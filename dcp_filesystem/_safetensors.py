@@ -21,6 +21,7 @@ import torch
 from torch.distributed.checkpoint.planner import WriteItem
 
 from . import _compat
+from ._bytes import chunk_nbytes
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 DCP_VERSION_KEY = "DCP_VERSION"
@@ -97,11 +98,6 @@ def _encode_header(entries: Sequence[Tuple[str, torch.dtype, Sequence[int], int]
     return struct.pack("<Q", len(text)) + text
 
 
-def _chunk_nbytes(item: WriteItem) -> int:
-    """Bytes of the chunk a tensor write item stores."""
-    return _numel(item.tensor_data.chunk.sizes) * torch._utils._element_size(item.tensor_data.properties.dtype)
-
-
 def file_layout(
     byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem]
 ) -> Tuple[bytes, Dict[int, Tuple[str, int]]]:
@@ -119,7 +115,7 @@ def file_layout(
     for wi in tensor_items:
         offsets = list(wi.tensor_data.chunk.offsets)
         key = wi.index.fqn if fqn_counts[wi.index.fqn] == 1 else chunk_key(wi.index.fqn, offsets)
-        nbytes = _chunk_nbytes(wi)
+        nbytes = chunk_nbytes(wi)
         entries.append((key, wi.tensor_data.properties.dtype, tuple(wi.tensor_data.chunk.sizes), nbytes))
         layout[id(wi)] = (key, nbytes)
         sharding[key] = {"saved_offsets": offsets}

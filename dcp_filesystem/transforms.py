@@ -109,7 +109,9 @@ class _NoCloseWriter(io.RawIOBase):
         return self.raw.write(b)
 
     def close(self) -> None:
-        if not self.closed:
+        # The file underneath is closed first where a save failed mid-item (this writer is then
+        # closed only when collected): there is nothing left to flush.
+        if not self.closed and not getattr(self.raw, "closed", False):
             self.raw.flush()
         super().close()
 

@@ -7,11 +7,12 @@ import logging
 import os
 import pickle
 import queue
-import re
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
@@ -19,9 +20,10 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _compat
-from ._bytes import tensor_bytes
+from . import _cleanup, _compat
+from ._bytes import chunk_nbytes, tensor_bytes
 from ._checksum import ChecksummingWriter, record_crc32, with_trailer
+from ._cleanup import DATA_FILE as _DATA_FILE
 from ._format import (
     CURRENT_DCP_VERSION,
     DEFAULT_SUFFIX,
@@ -43,7 +45,6 @@ from .transforms import StreamTransformExtension, _StorageWriterTransforms
 logger = logging.getLogger(__package__)
 # An fsync'd file costs about as much time as writing this many bytes, and overlaps across threads as well.
 _SYNCED_FILE_BYTES = 1 << 20
-_DATA_FILE = re.compile(r"__(\d+)_\d+(\.[0-9a-f]{8})?" + re.escape(DEFAULT_SUFFIX))
 
 
 def _item_size(item: WriteItem) -> int:
@@ -160,6 +161,15 @@ def _write_one_file(
     return results
 
 
+def _drain(file_queue: queue.Queue) -> None:
+    """Take every file not yet started off ``file_queue``."""
+    while True:
+        try:
+            file_queue.get_nowait()
+        except queue.Empty:
+            return
+
+
 def _write_files_from_queue(
     create_stream: Callable,
     file_queue: queue.Queue,
@@ -248,11 +258,15 @@ class _FileSystemWriter(StorageWriter):
         self.serialization_format = serialization_format
         self.rank: Optional[int] = None
         self.use_collectives: bool = True
+        # The directory's entries when this save began writing (None: not listed): the data files
+        # its commit may remove, so files another rank's later save creates are never touched.
+        self._listed: Optional[Set[str]] = None
 
     def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
         if checkpoint_id:
             self.path = self.fs.init_path(checkpoint_id)
         self.save_id = _generate_uuid()
+        self._listed = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank")
@@ -318,6 +332,9 @@ class _FileSystemWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[List[WriteResult]]:
         prefix = plan.storage_data.prefix
+        # An earlier save by this writer is over; leftovers of killed saves go before they cost room.
+        _cleanup.settle(self)
+        self._listed = _cleanup.reclaim(self.fs, self.path, prefix)
         buckets = (
             [b for b in _split_by_size_and_type(self.thread_count, plan.items) if b]
             if self.single_file_per_rank
@@ -332,17 +349,34 @@ class _FileSystemWriter(StorageWriter):
     def _write_data(self, planner: SavePlanner, file_queue: queue.Queue) -> Future[List[WriteResult]]:
         result_queue: queue.Queue = queue.Queue()
         files, start = file_queue.qsize(), time.perf_counter()
-        tensor_bytes = sum(
-            _item_size(wi) for _, _, items in list(file_queue.queue) for wi in items if wi.type != WriteItemType.BYTE_IO
-        )
+        tensor_items = [
+            wi for _, _, items in list(file_queue.queue) for wi in items if wi.type != WriteItemType.BYTE_IO
+        ]
+        tensor_bytes = sum(_item_size(wi) for wi in tensor_items)
         synced_files_cost = files * _SYNCED_FILE_BYTES if self.sync_files else 0
         workers = worker_count(self.thread_count, files, tensor_bytes + synced_files_cost)
         device = caller_device_context() if workers > 1 else None
+        created: List[PathLike] = []
+        created_lock = threading.Lock()
+
+        @contextmanager
+        def create_stream(path: PathLike, mode: str) -> Iterator[io.IOBase]:
+            """The file system's stream, with the file remembered (to remove it if the save fails) and
+            its name put into any I/O error."""
+            with created_lock:
+                created.append(path)
+            _cleanup.register(self, self.fs, path)
+            try:
+                with self.fs.create_stream(path, mode) as stream:
+                    yield stream
+            except BaseException as e:
+                _cleanup.name_file(e, path)
+                raise
 
         def work(context: Any = None) -> None:
             with on_device(context):
                 _write_files_from_queue(
-                    self.fs.create_stream,
+                    create_stream,
                     file_queue,
                     result_queue,
                     planner,
@@ -353,8 +387,14 @@ class _FileSystemWriter(StorageWriter):
                     self.serialization_format,
                 )
 
-        # The calling thread is on its device already; the others adopt it.
-        run_in_threads([work] + [lambda: work(device)] * (workers - 1), "writer")
+        try:
+            # The calling thread is on its device already; the others adopt it. After an error (or
+            # Ctrl-C while waiting) the other threads stop after their current file.
+            run_in_threads([work] + [lambda: work(device)] * (workers - 1), "writer", stop=lambda: _drain(file_queue))
+        except BaseException as e:
+            # Tensor bytes of the chunks this rank writes: the payload alone, so "at least".
+            self._discard(created, e, sum(chunk_nbytes(wi) for wi in tensor_items))
+            raise
         results: List[WriteResult] = []
         while not result_queue.empty():
             results += result_queue.get_nowait()
@@ -369,6 +409,15 @@ class _FileSystemWriter(StorageWriter):
         fut.set_result(results)
         return fut
 
+    def _discard(self, paths: List[PathLike], error: BaseException, needed: int) -> None:
+        """After ``error`` failed this save: remove the files it created, then say in the error what a
+        full disk lacked (with the room its files took given back)."""
+        removed = _cleanup.remove_files(self.fs, paths, "written by a failed save")
+        _cleanup.settle(self)
+        _cleanup.note_no_space(error, self.fs, self.path, needed)
+        logger.warning("save to %s failed (%s: %s); removed the %d file(s) it had written",
+                       self.path, type(error).__name__, error, removed)
+
     def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         if "version" in _compat.METADATA_FIELDS:
             metadata.version = CURRENT_DCP_VERSION
@@ -379,31 +428,113 @@ class _FileSystemWriter(StorageWriter):
             metadata.storage_meta = self.storage_meta()
 
         rank = self.rank if self._rank_local() else None
+        listed, self._listed = self._listed, None
         tmp_path = self.fs.concat_path(self.path, f"{metadata_file_name(rank)}.tmp")
-        with self.fs.create_stream(tmp_path, "wb") as metadata_file:
-            metadata_file.write(with_trailer(pickle.dumps(metadata)))
-            if self.sync_files:
-                fsync_stream(metadata_file)
         metadata_path = self.metadata_path
-        if not self.fs.rename_replaces() and self.fs.exists(metadata_path):
-            self.fs.rm_file(metadata_path)
-        self.fs.rename(tmp_path, metadata_path)
+        data = with_trailer(pickle.dumps(metadata))
+        step: Tuple[PathLike, ...] = (tmp_path,)  # the file(s) the step that may fail works on
+        old_removed = False
+        try:
+            with self.fs.create_stream(tmp_path, "wb") as metadata_file:
+                metadata_file.write(data)
+                if self.sync_files:
+                    fsync_stream(metadata_file)
+            if not self.fs.rename_replaces() and self.fs.exists(metadata_path):
+                step = (metadata_path,)
+                self.fs.rm_file(metadata_path)
+                old_removed = True
+            step = (tmp_path, metadata_path)
+            self.fs.rename(tmp_path, metadata_path)
+        except BaseException as e:
+            _cleanup.name_file(e, *step)
+            renaming = len(step) == 2
+            self._abandon_commit(e, tmp_path, metadata_path, data, results, old_removed, renaming)
+            raise
+        # Committed: the new checkpoint is the one on disk, so nothing of it may be removed now.
+        _cleanup.settle(self)
         if self.sync_files:
-            self.fs.sync_dir(self.path)
-        self._remove_stale_data_files(metadata, rank)
+            try:
+                self.fs.sync_dir(self.path)
+            except BaseException as e:
+                _cleanup.name_file(e, self.path)
+                _cleanup.add_to_message(
+                    e, f"syncing the directory after {metadata_path} was replaced: the new checkpoint is in place "
+                    "but may not survive a power loss, so the earlier data files were kept"
+                )
+                raise
+        self._remove_stale_data_files(metadata, rank, listed)
 
-    def _remove_stale_data_files(self, metadata: Metadata, rank: Optional[int]) -> None:
-        """Delete data files of earlier (or killed) saves that the committed metadata no longer names."""
-        entries = self.fs.ls(self.path)
+    def _metadata_is(self, metadata_path: PathLike, data: bytes) -> bool:
+        """Whether ``metadata_path`` holds ``data`` (a rename that failed may still have taken place)."""
+        try:
+            with self.fs.create_stream(metadata_path, "rb") as stream:
+                return stream.read() == data
+        except Exception:
+            return False
+
+    def _abandon_commit(
+        self,
+        error: BaseException,
+        tmp_path: PathLike,
+        metadata_path: PathLike,
+        data: bytes,
+        results: List[List[WriteResult]],
+        old_removed: bool,
+        renaming: bool,
+    ) -> None:
+        """``finish`` failed before its rename is known to have happened: remove what this save wrote,
+        unless its metadata is in place after all (a failed rename may have taken place) or the
+        earlier metadata is already gone."""
+        if renaming and self._metadata_is(metadata_path, data):
+            _cleanup.remove_files(self.fs, [tmp_path], "renamed")
+            _cleanup.settle(self)
+            _cleanup.add_to_message(error, f"the new checkpoint's {metadata_path} is in place nonetheless")
+            return
+        if old_removed:
+            # This file system cannot replace on rename, and the earlier metadata went first: keep the
+            # new checkpoint's files, which a rename of the temporary metadata makes loadable.
+            _cleanup.add_to_message(
+                error, f"the earlier {metadata_path} was already removed (this file system cannot replace a file "
+                f"on rename); {tmp_path} holds the new checkpoint's metadata: rename it to use that checkpoint"
+            )
+            return
+        # Every rank has finished writing by now: the results name all of this save's data files.
+        names = {getattr(wr.storage_data, "relative_path", None) for wr_list in results for wr in wr_list}
+        names.discard(None)
+        paths = [self.fs.concat_path(self.path, name) for name in sorted(names)] + [tmp_path]
+        needed = sum(wr.size_in_bytes for wr_list in results for wr in wr_list) + len(data)
+        self._discard(paths, error, needed)
+
+    def _remove_stale_data_files(
+        self, metadata: Metadata, rank: Optional[int], listed: Optional[Set[str]] = None
+    ) -> None:
+        """Delete data files of earlier (or killed) saves that the committed metadata no longer names.
+
+        Where this save listed the directory before it wrote (``listed``), only files there then are
+        candidates, so none another rank's later save creates; never one that another save in this
+        process may still commit. A file that cannot be removed is logged and left for the next
+        save. With rank-local metadata only this rank's files are candidates.
+        """
+        try:
+            entries = self.fs.ls(self.path)
+        except Exception as e:
+            logger.warning("cannot list %s to remove earlier data files: %s: %s", self.path, type(e).__name__, e)
+            return
         if entries is None:
             return
         referenced = {info.relative_path for info in metadata.storage_data.values()}
+        stale = []
         for entry in entries:
             name = os.path.basename(str(entry))
             match = _DATA_FILE.fullmatch(name)
             if match is None or name in referenced or (rank is not None and int(match.group(1)) != rank):
                 continue
-            self.fs.rm_file(self.fs.concat_path(self.path, name))
+            if listed is not None and name not in listed:
+                continue
+            path = self.fs.concat_path(self.path, name)
+            if not _cleanup.in_progress(self.fs, path):
+                stale.append(path)
+        _cleanup.remove_files(self.fs, stale, "no longer named by the committed metadata")
 
     def storage_meta(self) -> Optional[Any]:
         if _compat.StorageMeta is None:

@@ -125,11 +125,15 @@ def _load(state_dict, storage_reader, use_dcp_load, **kwargs):
 
 @_stock_probe
 def load_writes_back_values() -> bool:
-    """Whether dcp.load puts non-tensor values into the caller's dict (not on torch 2.3: pytorch#125528)."""
+    """Whether dcp.load puts non-tensor values into the caller's dict (not on torch 2.2/2.3: pytorch#125528).
+    Asked of dcp.load itself, in a process group of one where its save needs one (2.2)."""
+    if not HAS_DCP_SAVE:
+        return False
     with tempfile.TemporaryDirectory() as path:
         dcp_save({"t": torch.ones(1), "step": 7}, torch_fs.FileSystemWriter(path))
         out = {"t": torch.zeros(1), "step": None}
-        _load(out, torch_fs.FileSystemReader(path), use_dcp_load=True)
+        with one_rank_process_group() if save_needs_process_group() else contextlib.nullcontext():
+            _quietly(dcp.load, out, storage_reader=torch_fs.FileSystemReader(path))
     return out["step"] == 7
 
 

@@ -1,4 +1,5 @@
-"""Two-process gloo save/load with DTensors, and rank-local metadata (no collectives)."""
+"""Two-process gloo save/load with DTensors, rank-local metadata (no collectives), and each rank
+reclaiming its own leftovers of a killed save while the other writes."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import pickle
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
 from helpers import REPO, SAVE_HAS_USE_COLLECTIVES, assert_state_equal, load_rank_local, save_rank_local
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat
 
 FORMATS = ["torch_save", "safetensors"]
 WORLD = 2
@@ -43,6 +45,24 @@ def replicated_tensor():
     return torch.arange(10, dtype=torch.int64) * 1_000_000_007
 
 
+def object_collectives_without_numpy():
+    """torch 2.1's object collectives (gather_object, scatter_object_list) decode with
+    tensor.numpy(); where there is no NumPy, decode the same bytes without it. Only torch's
+    transport of pickled plans changes; nothing of dcp_filesystem does."""
+    try:
+        torch.zeros(1, dtype=torch.uint8).numpy()
+    except RuntimeError:
+        import io
+
+        import torch.distributed.distributed_c10d as c10d
+
+        def _tensor_to_object(tensor, tensor_size, *args, **kwargs):
+            buf = bytes(tensor.cpu().reshape(-1).tolist())[:tensor_size]
+            return c10d._unpickler(io.BytesIO(buf)).load()
+
+        c10d._tensor_to_object = _tensor_to_object
+
+
 _WORKER = r"""
 import inspect, os, sys, warnings
 REPO, OUT, INIT, RANK = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -53,25 +73,11 @@ warnings.simplefilter("ignore")
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat
 from helpers import SAVE_HAS_USE_COLLECTIVES, dcp_load, dcp_save, probe_stock_torch
-from test_distributed import _dtensor_api, full_tensor, replicated_tensor
+from test_distributed import _dtensor_api, full_tensor, object_collectives_without_numpy, replicated_tensor
 
-try:
-    torch.zeros(1, dtype=torch.uint8).numpy()
-except RuntimeError:
-    # torch 2.1's object collectives (gather_object, scatter_object_list) decode with
-    # tensor.numpy(), and this environment has no NumPy: decode the same bytes without it.
-    # Only torch's transport of pickled plans changes; nothing of dcp_filesystem does.
-    import io as _io
-    import torch.distributed.distributed_c10d as _c10d
-
-    def _tensor_to_object(tensor, tensor_size, *args, **kwargs):
-        buf = bytes(tensor.cpu().reshape(-1).tolist())[:tensor_size]
-        return _c10d._unpickler(_io.BytesIO(buf)).load()
-
-    _c10d._tensor_to_object = _tensor_to_object
-
+object_collectives_without_numpy()
 probe_stock_torch()
 dist.init_process_group("gloo", init_method="file://" + INIT, rank=RANK, world_size=2)
 api = _dtensor_api()
@@ -146,13 +152,10 @@ os._exit(0)
 """
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    if not HAS_DTENSOR:
-        pytest.skip("this torch has no torch.distributed DTensor API (distribute_tensor, Shard, DeviceMesh)")
+def run_two_ranks(worker, out):
+    """Run ``worker`` (Python source) as ranks 0 and 1 of a gloo group; returns what each saved to rank{r}.pt."""
     if not dist.is_gloo_available():
         pytest.skip("this torch was built without gloo")
-    out = tmp_path_factory.mktemp("dist")
     init = out / "init_store"
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -164,7 +167,7 @@ def two_ranks(tmp_path_factory):
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", _WORKER, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S)],
+                [sys.executable, "-c", worker, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S)],
                 env=env, cwd=str(out), stdout=log, stderr=subprocess.STDOUT,
             )
         )  # fmt: skip
@@ -187,8 +190,15 @@ def two_ranks(tmp_path_factory):
     codes = [p.returncode for p in procs]
     logs_text = "\n---\n".join(t[-6000:] for t in texts)
     assert codes == [0, 0], f"workers failed {codes}:\n{logs_text}"
-    results = [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    return out, results
+    return [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not HAS_DTENSOR:
+        pytest.skip("this torch has no torch.distributed DTensor API (distribute_tensor, Shard, DeviceMesh)")
+    out = tmp_path_factory.mktemp("dist")
+    return out, run_two_ranks(_WORKER, out)
 
 
 def _metadata(path, name=".metadata"):
@@ -298,3 +308,163 @@ def test_rank_local_metadata_driven(tmp_path, fmt):
     metadata = load_rank_local(FileSystemReader(path), target, rank=3)
     assert {info.relative_path for info in metadata.storage_data.values()} == {new_name}
     assert_state_equal(_local_state(2), target)
+
+
+# --------------------------------------------------------------------------- leftovers of killed saves, two ranks
+
+
+class GatedFS(FileSystem):
+    """The local file system, recording a rank's calls, with the two ranks' saves interleaved so that
+    rank 0 reclaims while rank 1's new data file is open and still empty: rank 1 waits after opening
+    it until rank 0 opens its own (after its reclaim), and rank 0 lists the directory only once
+    rank 1's file exists."""
+
+    def __init__(self, rank, gates):
+        super().__init__()
+        self.rank, self.gates = rank, gates
+        self.log = []
+        self.listings = []
+        os.makedirs(gates, exist_ok=True)
+
+    def _signal(self, name):
+        with open(os.path.join(self.gates, name), "w"):
+            pass
+
+    def _wait(self, name):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(self.gates, name)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: the other rank never signalled {name}")
+            time.sleep(0.01)
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        name = os.path.basename(str(path))
+        first_data_file = mode == "wb" and name.endswith(".distcp") and not self._data_files_opened()
+        self.log.append(("open", name, mode))
+        with super().create_stream(path, mode) as stream:
+            if first_data_file and self.rank == 0:
+                self._signal("rank0_reclaimed")
+            if first_data_file and self.rank == 1:
+                self._signal("rank1_writing")
+                self._wait("rank0_reclaimed")
+            yield stream
+
+    def _data_files_opened(self):
+        return [name for kind, name, mode in self.log if kind == "open" and mode == "wb" and name.endswith(".distcp")]
+
+    def ls(self, path):
+        if self.rank == 0 and not self.listings:
+            self._wait("rank1_writing")
+        entries = sorted(os.path.basename(e) for e in super().ls(path))
+        self.listings.append(entries)
+        return [str(self.concat_path(path, e)) for e in entries]
+
+    def rm_file(self, path):
+        self.log.append(("rm_file", os.path.basename(str(path)), None))
+        super().rm_file(path)
+
+    def before_first_write(self, kind):
+        first = next(i for i, (k, name, mode) in enumerate(self.log) if k == "open" and mode == "wb")
+        return [name for k, name, _ in self.log[:first] if k == kind]
+
+    def first_data_file(self):
+        return next(name for k, name, mode in self.log if k == "open" and mode == "wb" and name.endswith(".distcp"))
+
+
+def rank_state(rank, generation):
+    return {f"w{rank}": torch.arange(24, dtype=torch.float32).reshape(4, 6) * generation + rank, "epoch": generation}
+
+
+_RECLAIM_WORKER = r"""
+import os, sys, warnings
+REPO, OUT, INIT, RANK = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import faulthandler
+faulthandler.dump_traceback_later(int(sys.argv[5]), exit=True)
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+warnings.simplefilter("ignore")
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat
+from helpers import SAVE_HAS_USE_COLLECTIVES, dcp_load, dcp_save, probe_stock_torch
+from test_distributed import GatedFS, object_collectives_without_numpy, rank_state
+
+object_collectives_without_numpy()
+probe_stock_torch()
+dist.init_process_group("gloo", init_method="file://" + INIT, rank=RANK, world_size=2)
+
+cases = [("torch_save", True), ("safetensors", True)]
+if SAVE_HAS_USE_COLLECTIVES:
+    cases.append(("safetensors", False))
+results = {}
+for fmt, collectives in cases:
+    case = fmt if collectives else fmt + "_rank_local"
+    path = os.path.join(OUT, case)
+
+    def save(state, writer):
+        if collectives:
+            dcp_save(state, writer)
+        else:
+            dcp.save(state, storage_writer=writer, use_collectives=False)
+
+    save(rank_state(RANK, 1), FileSystemWriter(path, serialization_format=SerializationFormat(fmt)))
+    dist.barrier()
+    # What a save killed on this rank left: a data file of this rank's that no metadata names.
+    with open(os.path.join(path, "__%d_0.0badc0de.distcp" % RANK), "wb") as f:
+        f.write(bytes(4096))
+    dist.barrier()
+    fs = GatedFS(RANK, os.path.join(OUT, case + ".gates"))
+    writer = FileSystemWriter(path, serialization_format=SerializationFormat(fmt))
+    writer.fs = fs
+    save(rank_state(RANK, 2), writer)
+    dist.barrier()
+    target = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else None) for k, v in rank_state(RANK, 0).items()}
+    if collectives:
+        dcp_load(target, FileSystemReader(path))
+    else:
+        dcp.load(target, storage_reader=FileSystemReader(path))  # falls back to __{rank}.metadata
+    results[case] = {
+        "removed_before_writing": fs.before_first_write("rm_file"),
+        "removed": [name for kind, name, _ in fs.log if kind == "rm_file"],
+        "first_listing": fs.listings[0] if fs.listings else None,
+        "new_file": fs.first_data_file(),
+        "files": sorted(os.listdir(path)),
+        "loaded": target,
+    }
+    dist.barrier()
+
+torch.save(results, os.path.join(OUT, "rank%d.pt" % RANK))
+dist.barrier()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def reclaiming_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reclaim")
+    return run_two_ranks(_RECLAIM_WORKER, out)
+
+
+@pytest.mark.parametrize("case", ["torch_save", "safetensors", "safetensors_rank_local"])
+def test_each_rank_reclaims_only_its_own_leftovers_never_a_file_being_written(reclaiming_ranks, case):
+    if case not in reclaiming_ranks[0]:
+        pytest.skip("this torch's dcp.save has no use_collectives argument")
+    r0, r1 = (results[case] for results in reclaiming_ranks)
+    # Each rank removed its own leftover before it wrote, and nothing else.
+    assert r0["removed_before_writing"] == ["__0_0.0badc0de.distcp"]
+    assert r1["removed_before_writing"] == ["__1_0.0badc0de.distcp"]
+    # Rank 0 reclaimed while rank 1's new file was open and empty, and left it alone.
+    assert r1["new_file"] in r0["first_listing"] and r1["new_file"].startswith("__1_0.")
+    assert r1["new_file"] not in r0["removed"] + r1["removed"]
+    if case.endswith("rank_local"):
+        expected = ["__0.metadata", r0["new_file"], "__1.metadata", r1["new_file"]]
+    else:
+        expected = [".metadata", r0["new_file"], r1["new_file"]]
+        # The coordinator removed the first save's files after the commit.
+        assert sorted(r0["removed"]) == ["__0_0.0badc0de.distcp", "__0_0.distcp", "__1_0.distcp"]
+    assert r0["files"] == r1["files"] == sorted(expected)
+    for rank, got in enumerate((r0, r1)):
+        assert_state_equal(rank_state(rank, 2), got["loaded"])

@@ -105,7 +105,7 @@ class Stream:
 
     def __init__(self, name=None):
         self.name = name or "stream%d" % len(streams_made)
-        self.thread = threading.get_ident()
+        self.thread = threading.current_thread().name
         if Stream.counting:
             streams_made.append(self)
 
@@ -149,7 +149,7 @@ fake.Stream = Stream
 fake.stream = stream
 fake.device_count = lambda: 1
 fake.current_device = lambda: 1  # the caller works on device 1
-fake.set_device = lambda index: events.append(("set_device", threading.get_ident(), index))
+fake.set_device = lambda index: events.append(("set_device", threading.current_thread().name, index))
 
 torch.utils.rename_privateuse1_backend("fakedev")
 torch._register_device_module("fakedev", fake)
@@ -217,7 +217,7 @@ orig_init = L._OverlappingCpuLoader.__init__
 def recording_init(self, resolve_fun, stream=None, inflight_threshhold=1_000_000):
     orig_init(self, resolve_fun, stream=stream, inflight_threshhold=inflight_threshhold)
     loaders_made.append({
-        "thread": threading.get_ident(),
+        "thread": threading.current_thread().name,
         "stream_arg": None if stream is None else id(stream),
         "stream": id(self.stream),
         "is_current": self.stream is CURRENT,
@@ -246,7 +246,7 @@ for threads in (1, 3):
         "loaders": loaders_made[:],
         "wait_stream": [list(e) for e in events if e[0] == "wait_stream"],
         "set_device": [list(e[1:]) for e in events if e[0] == "set_device"],
-        "main_thread": threading.get_ident(),
+        "main_thread": threading.current_thread().name,
         "syncs": len([e for e in events if e[0] == "sync"]),
         "files": sorted(os.listdir(path)),
     }
