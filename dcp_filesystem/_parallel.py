@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import zlib
 from typing import IO, Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
+from ._crc import crc32 as _crc32
 from ._crc import crc32_combine
 from .fs import file_descriptor
 
@@ -104,11 +104,13 @@ def _parts(size: int, sharing: int) -> List[Tuple[int, int]]:
 
 
 def crc32(data: memoryview, sharing: int = 1) -> int:
-    """zlib.crc32(data), in parts on this job's share of the cores for large buffers."""
+    """The CRC-32 of ``data``, in parts on this job's share of the cores for large buffers."""
+    if len(data) < 2 * _PART_BYTES:
+        return _crc32(data)
     parts = _parts(len(data), sharing)
     if len(parts) == 1:
-        return zlib.crc32(data)
-    crcs = run_in_threads([functools.partial(zlib.crc32, data[start:end]) for start, end in parts], "crc32")
+        return _crc32(data)
+    crcs = run_in_threads([functools.partial(_crc32, data[start:end]) for start, end in parts], "crc32")
     result = crcs[0]
     for (start, end), crc in zip(parts[1:], crcs[1:]):
         result = crc32_combine(result, crc, end - start)
@@ -117,7 +119,7 @@ def crc32(data: memoryview, sharing: int = 1) -> int:
 
 def write_with_crc(stream: IO[bytes], data: memoryview) -> int:
     """Write ``data`` while its CRC-32 is computed on another thread; the CRC-32."""
-    crc, _ = run_in_threads([functools.partial(zlib.crc32, data), functools.partial(stream.write, data)], "crc32")
+    crc, _ = run_in_threads([functools.partial(_crc32, data), functools.partial(stream.write, data)], "crc32")
     return crc
 
 
@@ -135,7 +137,7 @@ def _pread_range(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tupl
         if n <= 0:
             break
         if with_crc:
-            crc = zlib.crc32(step[:n], crc)
+            crc = _crc32(step[:n], crc)
         position += n
     return position, crc
 

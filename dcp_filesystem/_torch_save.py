@@ -21,13 +21,13 @@ import struct
 import sys
 import threading
 import zipfile
-import zlib
 from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ._bytes import storage_bytes
 from ._checksum import write_with_crc
+from ._crc import crc32
 
 ZIP_MAGIC = b"PK\x03\x04"
 _END_OF_CENTRAL_DIR = struct.Struct("<IHHHHIIH")
@@ -139,7 +139,7 @@ def _directory(read: _Read, archive_size: int) -> Dict[str, _Member]:
 def _check_crcs(read: _Read, members: Dict[str, _Member], skip: str = "") -> None:
     for name, member in members.items():
         # A CRC of 0 means torch.save was told not to compute one (set_crc32_options).
-        if name != skip and member.crc and zlib.crc32(read(member.start, member.size)) != member.crc:
+        if name != skip and member.crc and crc32(read(member.start, member.size)) != member.crc:
             raise ValueError(crc_error(name))
 
 
@@ -245,7 +245,7 @@ def _matching_template(payload: bytearray) -> Optional[_Template]:
     view = memoryview(payload)
     for name, start, size, crc_at in template.varying:
         (crc,) = _CRC.unpack_from(payload, crc_at)
-        if crc and zlib.crc32(view[start : start + size]) != crc:
+        if crc and crc32(view[start : start + size]) != crc:
             raise ValueError(crc_error(name))
     return template
 
@@ -361,7 +361,7 @@ class _Archive:
         if size >= _LARGE_RECORD_BYTES:
             crc = self._write_with_crc(data)
         else:
-            crc = zlib.crc32(data) if self.layout.crc else 0
+            crc = crc32(data) if self.layout.crc else 0
             self.pending += data
         self.pending += _DATA_DESCRIPTOR.pack(0x08074B50, crc, size, size)
         self.directory.append((encoded, crc, size, self.offset))

@@ -1,13 +1,13 @@
 """FileSystemReader: a StorageReader for checkpoints written by this package or by stock torch."""
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
 import pickle
 import threading
 import time
-import zlib
 from typing import IO, Any, Dict, List, Optional, Tuple
 
 import torch
@@ -280,8 +280,8 @@ class FileSystemReader(StorageReader):
         data_file.check_range(info.offset, info.length, req)
         is_tensor = req.type != LoadItemType.BYTE_IO
         if is_tensor:
-            head = data_file.read_at(info.offset, _safetensors.SNIFF_BYTES)
-            stored = stored_as(info, data_file.safetensors_header(), head, is_tensor)
+            read_head = functools.partial(data_file.read_at, info.offset, _safetensors.SNIFF_BYTES)
+            stored = stored_as(info, data_file.safetensors_header(), read_head, is_tensor)
             if not transform_descriptors_of(info) and self._read_in_place(data_file, req, info, stored, planner):
                 return
         payload = data_file.read_checked(req, info)
@@ -354,20 +354,21 @@ class FileSystemReader(StorageReader):
         checked = _checksum.stored_crc32(info) is not None
         with_crc = checked or bool(plain.crc)
         if on_device:  # through pinned buffers; every copy has finished when it returns
-            got, crc = data_file.device_reads.read_into(
+            got, storage_crc = data_file.device_reads.read_into(
                 target, data_file.readinto_with_crc, plain.start, plain.nbytes, with_crc
             )
         else:
-            got, crc = data_file.readinto_with_crc(plain.start, tensor_bytes(target), with_crc)
+            got, storage_crc = data_file.readinto_with_crc(plain.start, tensor_bytes(target), with_crc)
         if got != plain.nbytes:
             raise ValueError(
                 f"{data_file.name}: item {_describe(req)}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
             )
         if checked:
-            item_crc = crc32_combine(zlib.crc32(before), crc, plain.nbytes)
-            item_crc = crc32_combine(item_crc, zlib.crc32(after), len(after))
-            _checksum.check(data_file.name, _describe(req), info, item_crc)
-        if plain.crc and crc != plain.crc:
+            crc = storage_crc
+            if before or after:  # a torch.save archive: its records around the storage
+                crc = crc32_combine(crc32_combine(crc32(before), crc, plain.nbytes), crc32(after), len(after))
+            _checksum.check(data_file.name, _describe(req), info, crc)
+        if plain.crc and storage_crc != plain.crc:
             raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {crc_error(plain.member)}")
         planner.commit_tensor(req, target)
         return True

@@ -40,7 +40,7 @@ ALL_CELLS = [
 # One cell on each side of every behaviour boundary the suite knows (README, "Per-version notes").
 CI_CELLS = ["2.1.2/3.9", "2.2.2/3.10", "2.3.1/3.11", "2.5.1/3.12", "2.6.0/3.9", "2.8.0/3.11", "2.10.0/3.12",
             "2.15.0/3.13"]  # fmt: skip
-TEST_DEPS = ["pytest", "safetensors", "zstandard", "hypothesis"]
+TEST_DEPS = ["pytest", "safetensors", "zstandard", "zlib-ng", "hypothesis"]
 
 
 def minor(cell: str) -> tuple:
