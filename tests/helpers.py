@@ -264,3 +264,12 @@ def strip_checksums(path) -> None:
         vars(info).pop("crc32", None)
     with open(metadata_path, "wb") as f:
         pickle.dump(metadata, f)
+
+
+def raised_error(error):
+    """The exception the storage layer raised, out of torch's CheckpointException where DCP wrapped it."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        value = next(iter(failures.values()))
+        return value[0] if isinstance(value, tuple) else value
+    return error

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from fs_doubles import RecordingFS
 from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 
 from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
@@ -118,45 +119,6 @@ class MemoryReader(FileSystemReader):
         super().__init__(path)
         self.fs = fs
         self.path = self.fs.init_path(path)
-
-
-class RecordingFS(FileSystemBase):
-    """Wraps the local file system and records every call (not a FileSystem subclass)."""
-
-    def __init__(self):
-        self.inner = FileSystem()
-        self.calls = []
-
-    @contextmanager
-    def create_stream(self, path, mode):
-        self.calls.append(("create_stream", os.path.basename(str(path)), mode))
-        with self.inner.create_stream(path, mode) as stream:
-            yield stream
-
-    def concat_path(self, path, suffix):
-        return self.inner.concat_path(path, suffix)
-
-    def rename(self, path, new_path):
-        self.calls.append(("rename", os.path.basename(str(path)), os.path.basename(str(new_path))))
-        self.inner.rename(path, new_path)
-
-    def init_path(self, path):
-        return self.inner.init_path(path)
-
-    def mkdir(self, path):
-        self.calls.append(("mkdir", str(path)))
-        self.inner.mkdir(path)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
-
-    def exists(self, path):
-        return self.inner.exists(path)
-
-    def rm_file(self, path):
-        self.calls.append(("rm_file", os.path.basename(str(path))))
-        self.inner.rm_file(path)
 
 
 def _raw_save(state, writer):

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save
+from helpers import assert_state_equal, dcp_load, dcp_save, raised_error
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
@@ -73,14 +73,6 @@ def load(path, megabytes):
 
 def save(path, state, fmt):
     dcp_save(state, FileSystemWriter(path, serialization_format=fmt))
-
-
-def raised_error(error):
-    failures = getattr(error, "failures", None)
-    if failures:
-        value = next(iter(failures.values()))
-        return value[0] if isinstance(value, tuple) else value
-    return error
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)

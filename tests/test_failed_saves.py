@@ -20,10 +20,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
+from fs_doubles import LocalFS
+from helpers import assert_state_equal, dcp_load, dcp_save, raised_error, zeros_like_state
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
 KINDS = ("open", "write", "fsync", "rename", "rm_file")
@@ -47,7 +48,7 @@ class _Stream:
         return getattr(self._stream, name)
 
 
-class FaultFS(FileSystemBase):
+class FaultFS(LocalFS):
     """The local file system, failing the ``fail_at``-th operation of kind ``fail_kind`` with EIO.
 
     Counts ``open`` (every ``create_stream``), ``write`` (every write call on its
@@ -57,7 +58,7 @@ class FaultFS(FileSystemBase):
     """
 
     def __init__(self, fail_kind=None, fail_at=0, fail_every_rm=False, replaces=True, no_space=False):
-        self.inner = FileSystem()
+        super().__init__()
         self.fail_kind, self.fail_at, self.fail_every_rm, self.replaces = fail_kind, fail_at, fail_every_rm, replaces
         self.no_space = no_space
         self.counts = dict.fromkeys(KINDS, 0)
@@ -121,22 +122,6 @@ class FaultFS(FileSystemBase):
     def rename_replaces(self):
         return self.replaces
 
-    def concat_path(self, path, suffix):
-        return self.inner.concat_path(path, suffix)
-
-    def init_path(self, path):
-        return self.inner.init_path(path)
-
-    def mkdir(self, path):
-        self.inner.mkdir(path)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
-
-    def exists(self, path):
-        return self.inner.exists(path)
-
     def ls(self, path):
         return self.inner.ls(path)
 
@@ -182,15 +167,6 @@ def files_of(path):
 def committed_files(path):
     md = FileSystemReader(path).read_metadata()
     return sorted({info.relative_path for info in md.storage_data.values()} | {".metadata"})
-
-
-def raised_error(error):
-    """The exception the storage layer raised, out of torch's CheckpointException where DCP wrapped it."""
-    failures = getattr(error, "failures", None)
-    if failures:
-        value = next(iter(failures.values()))
-        return value[0] if isinstance(value, tuple) else value
-    return error
 
 
 def save_with(fs, path, fmt, state, monkeypatch):

@@ -6,13 +6,13 @@ import io
 import os
 import stat
 import subprocess
-from contextlib import contextmanager
 
 import pytest
 import torch
+from fs_doubles import RecordingFS
 from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 
-from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
 from dcp_filesystem._cli import main as cli_main
 
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
@@ -27,54 +27,6 @@ def state():
         "ids": torch.arange(50, dtype=torch.int64),
         "step": 3,
     }
-
-
-class RecordingFS(FileSystemBase):
-    """The local file system, recording every call a reader makes."""
-
-    def __init__(self):
-        self.inner = FileSystem()
-        self.calls = []
-
-    @contextmanager
-    def create_stream(self, path, mode):
-        self.calls.append(("create_stream", os.path.basename(str(path)), mode))
-        with self.inner.create_stream(path, mode) as stream:
-            yield stream
-
-    def concat_path(self, path, suffix):
-        return self.inner.concat_path(path, suffix)
-
-    def init_path(self, path):
-        return self.inner.init_path(path)
-
-    def rename(self, path, new_path):
-        self.calls.append(("rename", str(path), str(new_path)))
-        self.inner.rename(path, new_path)
-
-    def mkdir(self, path):
-        self.calls.append(("mkdir", str(path)))
-        self.inner.mkdir(path)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
-
-    def exists(self, path):
-        return self.inner.exists(path)
-
-    def rm_file(self, path):
-        self.calls.append(("rm_file", str(path)))
-        self.inner.rm_file(path)
-
-    def ls(self, path):
-        return self.inner.ls(path)
-
-    def local_path(self, path):
-        return self.inner.local_path(path)
-
-    def sync_dir(self, path):
-        self.calls.append(("sync_dir", str(path)))
 
 
 def snapshot(path):
