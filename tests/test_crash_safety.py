@@ -76,10 +76,15 @@ def test_killed_overwrite_loads_old_or_new_never_a_mix(tmp_path, thread_count):
     generations = [(g, state_of(g)) for g in (2, 3)]
     save_seconds = child_save_seconds(path, thread_count, (1, state_of(1)))
     seen = set()
-    for point in range(KILL_POINTS):
+    # Spread over the first overwrite and into the second; where the machine is slower than the timed
+    # save (other jobs on it), later kills wait longer, until one lands after a commit.
+    delays = [1.5 * save_seconds * point / KILL_POINTS for point in range(KILL_POINTS)]
+    delays += [1.5 * save_seconds * (1 + extra / 4) for extra in range(1, 13)]
+    for point, delay in enumerate(delays):
+        if point >= KILL_POINTS and seen & {2, 3}:
+            break
         committed = generation_on_disk(path)
-        # Spread over the first overwrite and into the second.
-        kill_during_saves(path, thread_count, 1.5 * save_seconds * point / KILL_POINTS, generations)
+        kill_during_saves(path, thread_count, delay, generations)
         after = generation_on_disk(path)
         assert after == committed or after in (2, 3), (point, committed, after)
         seen.add(after)
