@@ -427,8 +427,29 @@ def drop_page_cache():
         f.write("3")
 
 
-def cold_unavailable():
-    """None where the page cache can be dropped here, else why not."""
+def filesystem_type(path):
+    """The type of the file system holding path (its longest mount point in /proc/self/mounts), or None."""
+    path, best = os.path.realpath(path), (-1, None)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > best[0]:
+                    best = (len(mount), fields[2])
+    except OSError:
+        pass
+    return best[1]
+
+
+def cold_unavailable(scratch):
+    """None where loads from the scratch directory can be made cold here, else why not."""
+    if filesystem_type(scratch) in ("tmpfs", "ramfs"):
+        return f"the scratch directory {scratch} is on {filesystem_type(scratch)}, which lives in memory: " \
+               "dropping the page cache cannot make its loads cold (pass --dir on a disk)"
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "not root: dropping the page cache needs root (/proc/sys/vm/drop_caches)"
     try:
@@ -596,7 +617,7 @@ def markdown(header, rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, sync=True only (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, sync=True only (about a minute)")
     p.add_argument("--cold", action="store_true",
                    help="drop the page cache before each load (needs root; runs warm, saying why, otherwise)")
     p.add_argument("--json", default=os.path.join("bench-results", "bench.json"), help="where to write the JSON")
@@ -608,31 +629,30 @@ def main():
     repeats = args.repeats or (3 if args.quick else 5)
     syncs = [True] if args.quick else [True, False]
     peer_variants, skipped = peers()
-    cold, loads = False, "warm: from the page cache"
-    if args.cold:
-        reason = cold_unavailable()
-        if reason is None:
-            cold = True
-            loads = "cold: the page cache dropped (os.sync(), then 3 > /proc/sys/vm/drop_caches) before each"
-        else:
-            loads += f" (--cold skipped: {reason})"
-            skipped.append(f"--cold skipped: {reason}; loads run warm")
-    for line in skipped:
-        print(line, file=sys.stderr, flush=True)
-    dcp_calls = probe_dcp()
-    cases = [(v, s, t) for s in syncs for v in variants() for t in (1, 2)]
-    cases += [(v, s, 1) for s in syncs for v in peer_variants]
-    cases += [(RawVariant(), s, 1) for s in syncs]
-    header = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": args.quick,
-        "cold": cold, "loads": loads, "skipped": skipped, "dcp_calls": dcp_calls,
-    }
     root = tempfile.mkdtemp(prefix="dcp-bench-", dir=args.dir)
     rows = []
-    progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
     try:
+        cold, loads = False, "warm: from the page cache"
+        if args.cold:
+            reason = cold_unavailable(root)
+            if reason is None:
+                cold = True
+                loads = "cold: the page cache dropped (os.sync(), then 3 > /proc/sys/vm/drop_caches) before each"
+            else:
+                skipped.append(f"--cold skipped: {reason}; loads run warm")
+        for line in skipped:
+            print(line, file=sys.stderr, flush=True)
+        dcp_calls = probe_dcp()
+        cases = [(v, s, t) for s in syncs for v in variants() for t in (1, 2)]
+        cases += [(v, s, 1) for s in syncs for v in peer_variants]
+        cases += [(RawVariant(), s, 1) for s in syncs]
+        header = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": args.quick,
+            "cold": cold, "loads": loads, "skipped": skipped, "dcp_calls": dcp_calls,
+        }
+        progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
         for name, build in workloads(args.quick).items():
             if args.workload and name not in args.workload:
                 continue
