@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Save/load throughput of dcp_filesystem vs stock torch.distributed.checkpoint vs raw file I/O.
+"""Save/load throughput of dcp_filesystem vs stock torch.distributed.checkpoint, single-process peers, raw file I/O.
 
-Run from the repo root:  python benchmarks/bench.py [--quick] [--json PATH] [--repeats N] [--dir DIR] [--workload W]
-What is measured: the "Benchmark" section of README.rst.
+Run from the repo root:
+  python benchmarks/bench.py [--quick] [--cold] [--json PATH] [--repeats N] [--dir DIR] [--workload W]
+What is measured: the "Benchmark" section of README.rst. Optional libraries (safetensors) are imported
+only inside their variants, so this module imports on every supported torch without them.
 """
 import argparse
 import ctypes
 import datetime
 import gc
+import inspect
 import json
 import logging
 import os
@@ -104,28 +107,116 @@ def assert_equal(expected, actual, where):
         raise AssertionError(f"loaded value differs at {where}: {actual!r} != {expected!r}")
 
 
-def zero_(sd):
-    for t in tensors(sd):
-        t.zero_()
+def named_tensors(sd, name=""):
+    """(dotted name, tensor) of every tensor of a nested state dict, in the order of tensors()."""
+    if isinstance(sd, torch.Tensor):
+        return [(name, sd)]
+    if isinstance(sd, (dict, list)):
+        keys = sorted(sd) if isinstance(sd, dict) else range(len(sd))
+        return [nt for k in keys for nt in named_tensors(sd[k], f"{name}.{k}" if name else str(k))]
+    return []
+
+
+def _entries(container):
+    return list(container.items() if isinstance(container, dict) else enumerate(container))
+
+
+def clear_(sd):
+    """The state every load starts from: tensors zeroed in place (the targets stay allocated and
+    touched), other values set to None, so that each load must fill in both."""
+    if isinstance(sd, torch.Tensor):
+        sd.zero_()
+        return
+    for k, v in _entries(sd):
+        if isinstance(v, torch.Tensor):
+            v.zero_()
+        elif isinstance(v, (dict, list)):
+            clear_(v)
+        else:
+            sd[k] = None
+
+
+def fill_(dest, loaded):
+    """A loaded state dict into dest: its tensors copy_'d into dest's tensors, other values assigned."""
+    for k, v in _entries(dest):
+        if isinstance(v, torch.Tensor):
+            v.copy_(loaded[k])
+        elif isinstance(v, (dict, list)):
+            fill_(v, loaded[k])
+        else:
+            dest[k] = loaded[k]
 
 
 # ---------------------------------------------------------------- variants
-def dcp_save(sd, writer):
+def _quietly(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if hasattr(dcp, "save"):
-            dcp.save(sd, storage_writer=writer)
-        else:  # torch 2.1
-            dcp.save_state_dict(sd, storage_writer=writer, no_dist=True)
+        return fn(*args, **kwargs)
+
+
+_PROBED = {}
+
+
+def _probe(name, probe):
+    """probe(scratch dir) once per process, cached: what this torch's DCP entry points do, asked of them."""
+    if name not in _PROBED:
+        with tempfile.TemporaryDirectory(prefix="dcp-bench-probe-") as path:
+            _PROBED[name] = probe(path)
+    return _PROBED[name]
+
+
+def _dcp_save_runs(path):
+    """Whether dcp.save runs outside a process group (torch 2.1 has none; 2.2's insists on a group)."""
+    if not hasattr(dcp, "save"):
+        return False
+    try:
+        _quietly(dcp.save, {"t": torch.zeros(1)}, storage_writer=dcp.FileSystemWriter(path))
+    except (ValueError, RuntimeError) as e:
+        if "process group" not in str(e):
+            raise
+        return False
+    return True
+
+
+def _dcp_load_writes_back(path):
+    """Whether dcp.load runs here and puts non-tensor values into the caller's dict (not on torch 2.2/2.3)."""
+    if not hasattr(dcp, "load"):
+        return False
+    dcp_save({"t": torch.ones(1), "step": 7}, dcp.FileSystemWriter(path))
+    out = {"t": torch.zeros(1), "step": None}
+    try:
+        _quietly(dcp.load, out, storage_reader=dcp.FileSystemReader(path))
+    except (ValueError, RuntimeError) as e:
+        if "process group" not in str(e):
+            raise
+        return False
+    return out["step"] == 7 and out["t"].item() == 1
+
+
+def probe_dcp():
+    """Ask DCP's entry points what they do here now, so that no probe runs inside a timed call;
+    returns the calls dcp_save and dcp_load make, in words."""
+    save = "dcp.save" if _probe("save", _dcp_save_runs) else \
+        "dcp.save_state_dict(no_dist=True) (dcp.save is missing or needs a process group)"
+    load = "dcp.load" if _probe("load", _dcp_load_writes_back) else \
+        "dcp.load_state_dict(no_dist=True) (dcp.load is missing, needs a process group or drops non-tensor values)"
+    return f"{save}; {load}"
+
+
+def dcp_save(sd, writer):
+    """dcp.save where it runs outside a process group, else save_state_dict(no_dist=True) (torch 2.1, 2.2)."""
+    if _probe("save", _dcp_save_runs):
+        _quietly(dcp.save, sd, storage_writer=writer)
+    else:
+        _quietly(dcp.save_state_dict, sd, storage_writer=writer, no_dist=True)
 
 
 def dcp_load(sd, reader):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if hasattr(dcp, "load"):
-            dcp.load(sd, storage_reader=reader)
-        else:  # torch 2.1
-            dcp.load_state_dict(sd, storage_reader=reader, no_dist=True)
+    """dcp.load where it fills in non-tensor values too, else load_state_dict(no_dist=True) (torch 2.1-2.3)."""
+    if _probe("load", _dcp_load_writes_back):
+        _quietly(dcp.load, sd, storage_reader=reader)
+    else:
+        _quietly(dcp.load_state_dict, sd, storage_reader=reader, no_dist=True)
 
 
 STORAGE_METHODS = (
@@ -161,6 +252,9 @@ class DcpVariant:
     for any storage layer.
     """
 
+    threaded = True  # one case per thread_count
+    tensors_only = False
+
     def __init__(self, name, writer_cls, reader_cls, fmt=None, load_may_fail=False, reader_threads=False):
         self.name, self.writer_cls, self.reader_cls, self.fmt = name, writer_cls, reader_cls, fmt
         self.load_may_fail, self.reader_threads = load_may_fail, reader_threads
@@ -189,6 +283,7 @@ class RawVariant:
 
     name = "raw"
     load_may_fail = False
+    threaded = False
 
     def save(self, flat, path, sync, threads):
         os.makedirs(path)
@@ -210,7 +305,72 @@ class RawVariant:
                 off += n
 
 
+def fsync_file(file):
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SafetensorsPeer:
+    """What a single process would call without DCP: safetensors.torch.save_file of the tensors
+    (non-tensor values have no place in a .safetensors file), then safe_open and get_tensor(name)
+    copy_'d into each target."""
+
+    name = "safetensors save_file/safe_open"
+    load_may_fail = False
+    threaded = False
+    tensors_only = True
+
+    def __init__(self):
+        from safetensors import safe_open  # optional: ImportError skips these rows
+        from safetensors.torch import save_file
+
+        self.safe_open, self.save_file = safe_open, save_file
+        with tempfile.TemporaryDirectory(prefix="dcp-bench-probe-") as path:
+            # what save_file imports when it runs (some versions need NumPy), raised here
+            self.save({"t": torch.ones(2)}, os.path.join(path, "probe"), sync=False, threads=1)
+
+    def save(self, sd, path, sync, threads):
+        os.makedirs(path)
+        file = os.path.join(path, "model.safetensors")
+        self.save_file(dict(named_tensors(sd)), file)
+        if sync:
+            fsync_file(file)
+
+    def load(self, dest, path, threads):
+        with self.safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+            for name, target in named_tensors(dest):
+                target.copy_(f.get_tensor(name))
+
+
+class TorchSavePeer:
+    """torch.save of the whole state dict (tensors and other values) to one file, then
+    torch.load(weights_only=True), with mmap=True or without, copy_'d into the targets."""
+
+    load_may_fail = False
+    threaded = False
+    tensors_only = False
+
+    def __init__(self, mmap):
+        self.mmap = mmap
+        self.name = "torch.save/torch.load mmap" if mmap else "torch.save/torch.load"
+
+    def save(self, sd, path, sync, threads):
+        os.makedirs(path)
+        file = os.path.join(path, "model.pt")
+        torch.save(sd, file)
+        if sync:
+            fsync_file(file)
+
+    def load(self, dest, path, threads):
+        kwargs = {"mmap": True} if self.mmap else {}
+        fill_(dest, torch.load(os.path.join(path, "model.pt"), weights_only=True, **kwargs))
+
+
 def variants():
+    """DCP variants: this package and stock torch, each run at thread_count 1 and 2."""
     out = [
         DcpVariant("dcp_filesystem torch_save", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
                    dcp_filesystem.SerializationFormat.TORCH_SAVE, reader_threads=True),
@@ -222,6 +382,21 @@ def variants():
         out.append(DcpVariant("stock safetensors", dcp.FileSystemWriter, dcp.FileSystemReader,
                               StockFormat.SAFETENSORS, load_may_fail=True))
     return out
+
+
+def peers():
+    """(peer variants, reasons for the peers left out): one process's own save and load calls."""
+    out, skipped = [], []
+    try:
+        out.append(SafetensorsPeer())
+    except ImportError as e:
+        skipped.append(f"safetensors rows skipped: safetensors' save_file cannot run here ({type(e).__name__}: {e})")
+    out.append(TorchSavePeer(mmap=False))
+    if "mmap" in inspect.signature(torch.load).parameters:
+        out.append(TorchSavePeer(mmap=True))
+    else:
+        skipped.append(f"torch.load mmap row skipped: torch {torch.__version__}'s torch.load has no mmap")
+    return out, skipped
 
 
 # ---------------------------------------------------------------- timing
@@ -244,15 +419,58 @@ def reset_peak_rss():
         return False
 
 
-def timed(fn, *args):
-    """(seconds, peak RSS increase in bytes, seconds outside the storage layer or None) of fn(*args).
+def drop_page_cache():
+    """Write back dirty pages, then drop the clean ones (and dentries, inodes): the next read is
+    from the disk. Raises OSError where /proc/sys/vm/drop_caches cannot be written (not root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def filesystem_type(path):
+    """The type of the file system holding path (its longest mount point in /proc/self/mounts), or None."""
+    path, best = os.path.realpath(path), (-1, None)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > best[0]:
+                    best = (len(mount), fields[2])
+    except OSError:
+        pass
+    return best[1]
+
+
+def cold_unavailable(scratch):
+    """None where loads from the scratch directory can be made cold here, else why not."""
+    if filesystem_type(scratch) in ("tmpfs", "ramfs"):
+        return f"the scratch directory {scratch} is on {filesystem_type(scratch)}, which lives in memory: " \
+               "dropping the page cache cannot make its loads cold (pass --dir on a disk)"
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "not root: dropping the page cache needs root (/proc/sys/vm/drop_caches)"
+    try:
+        drop_page_cache()
+    except OSError as e:
+        return f"cannot write /proc/sys/vm/drop_caches: {e}"
+    return None
+
+
+def timed(fn, *args, cold=False):
+    """(seconds, peak RSS increase in bytes, seconds inside the storage layer or None) of fn(*args).
 
     Dirty pages of earlier cases are flushed and garbage collected first, so one case's writeback or
-    garbage is not timed in the next. Peak RSS is the kernel's own mark, reset before the call; where
-    it cannot be reset, a thread samples RSS every ~2 ms (which takes some CPU from the timed call).
+    garbage is not timed in the next; with ``cold`` the page cache is then dropped. Peak RSS is the
+    kernel's own mark, reset before the call; where it cannot be reset, a thread samples RSS every
+    ~2 ms (which takes some CPU from the timed call).
     """
     os.sync()
     gc.collect()
+    if cold:
+        drop_page_cache()
     before = status_bytes("VmRSS")
     peak, stop, sampler = [0], threading.Event(), None
     if not reset_peak_rss():
@@ -271,11 +489,13 @@ def timed(fn, *args):
         stop.set()
         sampler.join()
         peak[0] = max(peak[0], status_bytes("VmRSS"))
-    return seconds, max(0, peak[0] - before), None if storage_seconds is None else seconds - storage_seconds
+    return seconds, max(0, peak[0] - before), storage_seconds
 
 
-def run_workload(name, sd, cases, repeats, root, results, progress):
-    """Interleaved repeats of save-then-load for every case; appends row dicts to results."""
+def run_workload(name, sd, cases, repeats, root, results, progress, cold=False):
+    """Interleaved repeats of save-then-load for every case; appends row dicts to results.
+    Every load fills the same preallocated targets (``dest``, zeroed and so touched before each load);
+    with ``cold`` the page cache is dropped before each load."""
     flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors(sd)])
     payload = flat.numel()
     dest, flat_dest = zeros_like_state(sd), torch.zeros_like(flat)
@@ -294,16 +514,20 @@ def run_workload(name, sd, cases, repeats, root, results, progress):
             samples[(case, "save")].append(timed(variant.save, src, path, sync, threads))
             if case in failed:
                 continue
-            zero_(dst)
+            clear_(dst)
             try:
-                result = timed(variant.load, dst, path, threads)
+                result = timed(variant.load, dst, path, threads, cold=cold)
             except (Exception, CheckpointException) as e:
                 if not variant.load_may_fail:
                     raise
                 failed[case] = f"fails: {type(e).__name__}"
                 continue
             if case not in verified:
-                assert_equal(src, dst, f"{name}/{variant.name}/sync={sync}/threads={threads}")
+                where = f"{name}/{variant.name}/sync={sync}/threads={threads}"
+                if getattr(variant, "tensors_only", False):
+                    assert_equal(tensors(src), tensors(dst), where)
+                else:
+                    assert_equal(src, dst, where)
                 verified.add(case)
             samples[(case, "load")].append(result)
     shutil.rmtree(path, ignore_errors=True)
@@ -312,12 +536,14 @@ def run_workload(name, sd, cases, repeats, root, results, progress):
         runs = samples[(case, op)]
         seconds = [s for s, _, _ in runs]
         median = statistics.median(seconds) if seconds else None
-        outside = [o for _, _, o in runs if o is not None]
+        inside = [i for _, _, i in runs if i is not None]
+        outside = [s - i for s, _, i in runs if i is not None]
         results.append({
-            "workload": name, "op": op, "variant": variant.name, "sync": sync,
-            "threads": None if isinstance(variant, RawVariant) else threads,
+            "workload": name, "op": op, "cold": cold and op == "load", "variant": variant.name, "sync": sync,
+            "threads": threads if variant.threaded else None,
             "payload_bytes": payload, "seconds": seconds, "median_s": median,
             "gb_per_s": payload / 1e9 / median if median else None,
+            "storage_s": statistics.median(inside) if inside else None,
             "outside_storage_s": statistics.median(outside) if outside else None,
             "peak_rss_mib": max(m for _, m, _ in runs) / MiB if runs else None,
             "error": failed.get(case) if op == "load" else None,
@@ -360,25 +586,40 @@ def markdown(header, rows):
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
+    loads = header.get("loads", "warm: from the page cache")
+    notes = [f"Loads {loads}. Every load fills the same preallocated target tensors, zeroed (so already "
+             "touched) before each load; the peers' loads copy_ into them. safetensors save_file/safe_open "
+             "saves the tensors only (a .safetensors file holds no other values); torch.save saves the whole "
+             "state dict and torch.load(weights_only=True) reads it all back. \"storage ms\" is the time "
+             "inside the storage layer's methods (write_data, finish; read_metadata, read_data; ...), "
+             "\"DCP ms\" the rest of a dcp.save/dcp.load; peers and raw have neither."]
+    if header.get("dcp_calls"):
+        notes.append(f"DCP calls: {header['dcp_calls']}.")
+    notes += header.get("skipped", [])
     lines = [f"# dcp_filesystem benchmark — {header['date']}", "",
              f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
              f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
-             "| workload | op | variant | sync | threads | median ms | DCP ms | GB/s | vs stock | ceiling "
-             "| vs raw | peak RSS +MiB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             *[line for note in notes for line in (note, "")],
+             "| workload | op | variant | sync | threads | median ms | storage ms | DCP ms | GB/s | vs stock "
+             "| ceiling | vs raw | peak RSS +MiB |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms = r["error"] or fmt(r["median_s"] and r["median_s"] * 1e3, ".1f")
-        outside = r["outside_storage_s"]
-        lines.append(f"| {r['workload']} | {r['op']} | {r['variant']} | {r['sync']} | {fmt(r['threads'], 'd')} "
-                     f"| {ms} | {fmt(outside and outside * 1e3, '.1f')} | {fmt(r['gb_per_s'], '.4g')} "
-                     f"| {fmt(r['vs_stock'], '.2f')} | {fmt(r['ceiling_vs_stock'], '.2f')} "
-                     f"| {fmt(r['vs_raw'], '.2f')} | {fmt(r['peak_rss_mib'], '.0f')} |")
+        op = r["op"] + (" cold" if r.get("cold") else "")
+        inside, outside = r.get("storage_s"), r["outside_storage_s"]
+        lines.append(f"| {r['workload']} | {op} | {r['variant']} | {r['sync']} | {fmt(r['threads'], 'd')} "
+                     f"| {ms} | {fmt(inside and inside * 1e3, '.1f')} | {fmt(outside and outside * 1e3, '.1f')} "
+                     f"| {fmt(r['gb_per_s'], '.4g')} | {fmt(r['vs_stock'], '.2f')} "
+                     f"| {fmt(r['ceiling_vs_stock'], '.2f')} | {fmt(r['vs_raw'], '.2f')} "
+                     f"| {fmt(r['peak_rss_mib'], '.0f')} |")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, sync=True only (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, sync=True only (about a minute)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache before each load (needs root; runs warm, saying why, otherwise)")
     p.add_argument("--json", default=os.path.join("bench-results", "bench.json"), help="where to write the JSON")
     p.add_argument("--repeats", type=int, help="repeats per case (default 5, --quick 3)")
     p.add_argument("--dir", help="scratch directory for checkpoints (default: a new temp dir)")
@@ -387,22 +628,36 @@ def main():
     args = p.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
     syncs = [True] if args.quick else [True, False]
-    cases = [(v, s, t) for s in syncs for v in variants() for t in (1, 2)]
-    cases += [(RawVariant(), s, 1) for s in syncs]
-    header = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": args.quick,
-    }
+    peer_variants, skipped = peers()
     root = tempfile.mkdtemp(prefix="dcp-bench-", dir=args.dir)
     rows = []
-    progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
     try:
+        cold, loads = False, "warm: from the page cache"
+        if args.cold:
+            reason = cold_unavailable(root)
+            if reason is None:
+                cold = True
+                loads = "cold: the page cache dropped (os.sync(), then 3 > /proc/sys/vm/drop_caches) before each"
+            else:
+                skipped.append(f"--cold skipped: {reason}; loads run warm")
+        for line in skipped:
+            print(line, file=sys.stderr, flush=True)
+        dcp_calls = probe_dcp()
+        cases = [(v, s, t) for s in syncs for v in variants() for t in (1, 2)]
+        cases += [(v, s, 1) for s in syncs for v in peer_variants]
+        cases += [(RawVariant(), s, 1) for s in syncs]
+        header = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": args.quick,
+            "cold": cold, "loads": loads, "skipped": skipped, "dcp_calls": dcp_calls,
+        }
+        progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
         for name, build in workloads(args.quick).items():
             if args.workload and name not in args.workload:
                 continue
             t0 = time.perf_counter()
-            run_workload(name, build(), cases, repeats, root, rows, progress)
+            run_workload(name, build(), cases, repeats, root, rows, progress, cold=cold)
             progress("")
             print(f"workload {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
