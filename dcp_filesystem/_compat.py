@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -71,6 +73,72 @@ except ImportError:
 
 HAS_DCP_SAVE = hasattr(_dcp, "save")
 HAS_ASYNC_SAVE = hasattr(_dcp, "async_save")
+
+
+def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _needs_process_group(e: Exception) -> bool:
+    return "process group" in str(e)
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleProcessDcp:
+    """DCP's save and load as one process without a process group calls them here: ``save(state_dict,
+    writer)``, ``load(state_dict, reader)`` (warnings silenced), and ``calls``, the two calls in words."""
+
+    save: Callable[[Any, Any], None]
+    load: Callable[[Any, Any], None]
+    calls: str
+
+
+def _dcp_save(state_dict: Any, writer: Any) -> None:
+    _quietly(_dcp.save, state_dict, storage_writer=writer)
+
+
+def _dcp_save_state_dict(state_dict: Any, writer: Any) -> None:
+    _quietly(_dcp.save_state_dict, state_dict, storage_writer=writer, no_dist=True)
+
+
+def _dcp_load(state_dict: Any, reader: Any) -> None:
+    _quietly(_dcp.load, state_dict, storage_reader=reader)
+
+
+def _dcp_load_state_dict(state_dict: Any, reader: Any) -> None:
+    _quietly(_dcp.load_state_dict, state_dict, storage_reader=reader, no_dist=True)
+
+
+def single_process_dcp(scratch: str) -> SingleProcessDcp:
+    """The DCP entry points that save and load whole state dicts (non-tensor values included) in one
+    process, found by trying stock torch's writer and reader in ``scratch`` (an existing directory; the
+    probes write two tiny checkpoints into it and leave them): ``dcp.save`` where it runs without a
+    process group (torch 2.1 has none, 2.2's needs a group), else ``save_state_dict(no_dist=True)``;
+    ``dcp.load`` where it also writes non-tensor values back into the caller's dict (not on 2.2/2.3),
+    else ``load_state_dict(no_dist=True)``."""
+    save, save_name = _dcp_save_state_dict, "dcp.save_state_dict(no_dist=True)"
+    if HAS_DCP_SAVE:
+        try:
+            _dcp_save({"t": torch.zeros(1)}, _torch_filesystem.FileSystemWriter(os.path.join(scratch, "save")))
+            save, save_name = _dcp_save, "dcp.save"
+        except (ValueError, RuntimeError) as e:
+            if not _needs_process_group(e):
+                raise
+    load, load_name = _dcp_load_state_dict, "dcp.load_state_dict(no_dist=True)"
+    if hasattr(_dcp, "load"):
+        path = os.path.join(scratch, "load")
+        save({"t": torch.ones(1), "step": 7}, _torch_filesystem.FileSystemWriter(path))
+        out: dict = {"t": torch.zeros(1), "step": None}
+        try:
+            _dcp_load(out, _torch_filesystem.FileSystemReader(path))
+            if out["step"] == 7 and out["t"].item() == 1:
+                load, load_name = _dcp_load, "dcp.load"
+        except (ValueError, RuntimeError) as e:
+            if not _needs_process_group(e):
+                raise
+    return SingleProcessDcp(save, load, f"{save_name}; {load_name}")
 
 
 def privateuse1_backend_name() -> Optional[str]:

@@ -1,14 +1,17 @@
 """``python -m dcp_filesystem``: inspect, verify and bench."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import torch.distributed.checkpoint.filesystem as torch_fs
 from helpers import REPO, STOCK_HAS_SERIALIZATION_FORMAT, dcp_save, strip_checksums
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _cli
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _bench, _cli
 from dcp_filesystem._torch_save import archive_members
 
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
@@ -75,7 +78,7 @@ def test_module_help_lists_the_three_subcommands():
     for line in (
         "    inspect             list a checkpoint's entries, files and format\n",
         "    verify              read every item, list the ones that fail\n",
-        "    bench               run benchmarks/bench.py of a source checkout\n",
+        "    bench               time save and load here, ours and stock torch's, both formats\n",
     ):
         assert line in proc.stdout
 
@@ -337,24 +340,110 @@ def test_unknown_option_is_a_usage_error(tmp_path, capsys):
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")
 
 
-def test_bench_without_a_source_checkout_exits_2(tmp_path, capsys, monkeypatch):
-    package = tmp_path / "site-packages" / "dcp_filesystem"
-    monkeypatch.setattr(_cli, "PACKAGE_DIR", package)
-    assert run(capsys, "bench", "--quick") == (
-        2,
-        "",
-        f"bench needs a source checkout: benchmarks/bench.py not found next to {package}\n",
-    )
+def test_bench_sizes():
+    assert [_bench.parse_size(t) for t in ("512MB", "2GB", "64MiB", "1.5g", "8mb", "4096", "1KiB", "2 GiB")] == [
+        512 * 10**6, 2 * 10**9, 64 << 20, 1_500_000_000, 8 * 10**6, 4096, 1024, 2 << 30]
+    for bad in ("", "GB", "2XB", "-1GB", "100"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _bench.parse_size(bad)
 
 
-def test_bench_runs_the_checkout_script_with_the_rest_of_the_arguments(tmp_path, capfd, monkeypatch):
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "bench.py").write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
-    monkeypatch.setattr(_cli, "PACKAGE_DIR", tmp_path / "dcp_filesystem")
-    assert _cli.main(["bench", "--quick", "--dir", "/x", "--help"]) == 3
-    assert capfd.readouterr().out == "['--quick', '--dir', '/x', '--help']\n"
+def bench_rows(rows):
+    return [(r["writer"], r["format"], r["bit_exact"], r["load_error"] is None) for r in rows]
 
 
-def test_bench_script_of_this_checkout_is_found():
-    assert _cli.PACKAGE_DIR == Path(REPO, "dcp_filesystem")
-    assert (_cli.PACKAGE_DIR.parent / "benchmarks" / "bench.py").is_file()
+EXPECTED_BENCH_ROWS = [
+    ("dcp_filesystem", "TORCH_SAVE", True, True),
+    ("dcp_filesystem", "SAFETENSORS", True, True),
+    ("torch (stock)", "TORCH_SAVE", True, True),
+]
+
+
+def check_bench_json(report, size):
+    rows = report["rows"]
+    assert bench_rows(rows[:3]) == EXPECTED_BENCH_ROWS
+    if STOCK_HAS_SERIALIZATION_FORMAT:  # stock torch's reader may fail on its own SAFETENSORS checkpoints
+        assert [(r["writer"], r["format"]) for r in rows[3:]] == [("torch (stock)", "SAFETENSORS")]
+        assert rows[3]["bit_exact"] is (True if rows[3]["load_error"] is None else None)
+    else:
+        assert len(rows) == 3
+    assert abs(report["payload_bytes"] - size) < 4096 and report["values"] == 2 and report["tensors"] > 2
+    for r in rows:
+        assert len(r["save_seconds"]) == report["repeats"] and r["save_s"] > 0 and r["save_gb_per_s"] > 0
+        if r["load_error"] is None:
+            assert len(r["load_seconds"]) == report["repeats"] and r["load_s"] > 0 and r["load_gb_per_s"] > 0
+    assert rows[2]["save_vs_stock"] == rows[2]["load_vs_stock"] == 1.0
+
+
+def test_bench_json_creates_and_removes_a_missing_dir(tmp_path, capsys):
+    scratch = tmp_path / "new" / "scratch"
+    code, out, err = run(capsys, "bench", "--dir", str(scratch), "--size", "8MB", "--repeats", "2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    check_bench_json(report, 8 * 10**6)
+    assert report["repeats"] == 2 and report["dir"] == str(scratch)
+    assert os.listdir(tmp_path) == []  # new/ and new/scratch/ were created by bench, and removed
+
+
+def test_bench_table_leaves_an_existing_dir_empty(tmp_path, capsys):
+    code, out, err = run(capsys, "bench", "--dir", str(tmp_path), "--size", "64KiB", "--repeats", "1")
+    assert code == 0, err
+    assert os.listdir(tmp_path) == []
+    lines = out.splitlines()
+    assert lines[0].endswith(f"in {tmp_path}; torch {torch.__version__}; median of 1, sync_files=True")
+    assert lines[2].split() == ["writer", "format", "save", "s", "GB/s", "vs", "stock", "load", "s", "GB/s", "vs",
+                                "stock", "bit-exact"]
+    assert lines[3].startswith("dcp_filesystem  TORCH_SAVE ") and lines[3].endswith(" yes")
+    assert lines[4].startswith("dcp_filesystem  SAFETENSORS ") and lines[4].endswith(" yes")
+    assert lines[5].startswith("torch (stock)   TORCH_SAVE ") and lines[5].endswith(" yes")
+    assert "make bench" in lines[-1]
+
+
+def test_bench_fails_loudly_when_a_load_is_not_bit_exact(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(_bench, "first_difference", lambda expected, actual: "layers.0.weight")
+    code, out, err = run(capsys, "bench", "--dir", str(tmp_path / "d"), "--size", "64KiB", "--repeats", "1")
+    assert (code, out) == (1, "")
+    assert err.endswith("bench: error: dcp_filesystem TORCH_SAVE: the loaded state dict is not bit-exact: "
+                        "'layers.0.weight' differs\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bench_bad_arguments_are_usage_errors(tmp_path, capsys):
+    for argv in (["--size", "2XB"], ["--repeats", "x"]):
+        with pytest.raises(SystemExit) as info:
+            _cli.main(["bench", *argv])
+        assert info.value.code == 2
+    assert "error: argument --size: not a size: '2XB' (e.g. 512MB, 2GB, 64MiB)\n" in capsys.readouterr().err
+    assert run(capsys, "bench", "--repeats", "0") == (2, "", "bench: error: --repeats must be at least 1\n")
+
+
+def test_bench_progress_announces_slow_steps_only():
+    stream = io.StringIO()
+    progress = _bench.Progress(stream, after_s=0.05)
+    with progress.step("fast"):
+        pass
+    with progress.step("slow"):
+        time.sleep(0.5)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "bench: slow ..."
+    assert re.fullmatch(r"bench: slow: \d+\.\d s", lines[1]) and len(lines) == 2
+
+
+def test_bench_ctrl_c_removes_the_temporary_files(tmp_path):
+    scratch = tmp_path / "scratch"
+    argv = [sys.executable, "-m", "dcp_filesystem", "bench", "--dir", str(scratch), "--size", "16MB",
+            "--repeats", "1000"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("dcp-bench-*/ckpt")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.endswith("bench: interrupted; temporary checkpoints removed\n")
+    assert not scratch.exists() and os.listdir(tmp_path) == []

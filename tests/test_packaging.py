@@ -1,4 +1,5 @@
 """Packaging and the README's two commands, on a clone of this checkout (so only committed files count)."""
+import json
 import os
 import re
 import site
@@ -9,6 +10,7 @@ import zipfile
 
 import pytest
 from helpers import REPO, run_clean_python
+from test_cli import check_bench_json
 
 ROW = re.compile(
     r"(dcp_filesystem|torch \(stock\)) +(TORCH_SAVE|SAFETENSORS) +(\d+) +(\d+) +(\d+) +[\d.]+ +[\d.]+ +(yes|no) +(\S+)"
@@ -87,6 +89,15 @@ def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_pat
     )
     assert cli.returncode == 0, cli.stderr
     assert "{inspect,verify,bench}" in cli.stdout
+
+    scratch = tmp_path / "bench" / "scratch"
+    bench = subprocess.run(
+        [python, "-m", "dcp_filesystem", "bench", "--dir", str(scratch), "--size", "4MB", "--repeats", "1", "--json"],
+        capture_output=True, text=True, env=clean_env(), cwd=str(tmp_path), timeout=300,
+    )
+    assert bench.returncode == 0, bench.stderr
+    check_bench_json(json.loads(bench.stdout), 4 * 10**6)
+    assert not (tmp_path / "bench").exists()
 
     out = run_clean_python(
         """
