@@ -150,7 +150,8 @@ class _MetadataFails(torch_fs.FileSystemReader):
 
 @_stock_probe
 def load_passes_on_metadata_errors() -> bool:
-    """Whether the error read_metadata raises reaches the caller of a load (not on torch 2.9-2.11, which fail an assertion instead)."""
+    """Whether the error read_metadata raises reaches the caller of a load (not on torch 2.9-2.11,
+    which fail an assertion instead)."""
     with tempfile.TemporaryDirectory() as path:
         try:
             dcp_load({"t": torch.zeros(1)}, _MetadataFails(path))
