@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -31,6 +30,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 import dcp_filesystem  # noqa: E402
+from dcp_filesystem._compat import single_process_dcp  # noqa: E402
 
 try:
     from torch.distributed.checkpoint.filesystem import SerializationFormat as StockFormat
@@ -148,75 +148,28 @@ def fill_(dest, loaded):
 
 
 # ---------------------------------------------------------------- variants
-def _quietly(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
+_DCP = []
 
 
-_PROBED = {}
-
-
-def _probe(name, probe):
-    """probe(scratch dir) once per process, cached: what this torch's DCP entry points do, asked of them."""
-    if name not in _PROBED:
+def _dcp():
+    """DCP's entry points for one process, as the package probes them (once, before any timed call)."""
+    if not _DCP:
         with tempfile.TemporaryDirectory(prefix="dcp-bench-probe-") as path:
-            _PROBED[name] = probe(path)
-    return _PROBED[name]
-
-
-def _dcp_save_runs(path):
-    """Whether dcp.save runs outside a process group (torch 2.1 has none; 2.2's insists on a group)."""
-    if not hasattr(dcp, "save"):
-        return False
-    try:
-        _quietly(dcp.save, {"t": torch.zeros(1)}, storage_writer=dcp.FileSystemWriter(path))
-    except (ValueError, RuntimeError) as e:
-        if "process group" not in str(e):
-            raise
-        return False
-    return True
-
-
-def _dcp_load_writes_back(path):
-    """Whether dcp.load runs here and puts non-tensor values into the caller's dict (not on torch 2.2/2.3)."""
-    if not hasattr(dcp, "load"):
-        return False
-    dcp_save({"t": torch.ones(1), "step": 7}, dcp.FileSystemWriter(path))
-    out = {"t": torch.zeros(1), "step": None}
-    try:
-        _quietly(dcp.load, out, storage_reader=dcp.FileSystemReader(path))
-    except (ValueError, RuntimeError) as e:
-        if "process group" not in str(e):
-            raise
-        return False
-    return out["step"] == 7 and out["t"].item() == 1
+            _DCP.append(single_process_dcp(path))
+    return _DCP[0]
 
 
 def probe_dcp():
-    """Ask DCP's entry points what they do here now, so that no probe runs inside a timed call;
-    returns the calls dcp_save and dcp_load make, in words."""
-    save = "dcp.save" if _probe("save", _dcp_save_runs) else \
-        "dcp.save_state_dict(no_dist=True) (dcp.save is missing or needs a process group)"
-    load = "dcp.load" if _probe("load", _dcp_load_writes_back) else \
-        "dcp.load_state_dict(no_dist=True) (dcp.load is missing, needs a process group or drops non-tensor values)"
-    return f"{save}; {load}"
+    """The calls dcp_save and dcp_load make here, in words."""
+    return _dcp().calls
 
 
 def dcp_save(sd, writer):
-    """dcp.save where it runs outside a process group, else save_state_dict(no_dist=True) (torch 2.1, 2.2)."""
-    if _probe("save", _dcp_save_runs):
-        _quietly(dcp.save, sd, storage_writer=writer)
-    else:
-        _quietly(dcp.save_state_dict, sd, storage_writer=writer, no_dist=True)
+    _dcp().save(sd, writer)
 
 
 def dcp_load(sd, reader):
-    """dcp.load where it fills in non-tensor values too, else load_state_dict(no_dist=True) (torch 2.1-2.3)."""
-    if _probe("load", _dcp_load_writes_back):
-        _quietly(dcp.load, sd, storage_reader=reader)
-    else:
-        _quietly(dcp.load_state_dict, sd, storage_reader=reader, no_dist=True)
+    _dcp().load(sd, reader)
 
 
 STORAGE_METHODS = (
