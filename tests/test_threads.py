@@ -17,6 +17,21 @@ def real_policy(monkeypatch):
 
 
 @pytest.fixture
+def threads_started(monkeypatch):
+    """How many threads (the calling one included) each save and load ran its files on, by job name."""
+    started = {}
+    real_run = _parallel.run_in_threads
+
+    def run_in_threads(tasks, name, stop=None):
+        started.setdefault(name, []).append(len(tasks))
+        return real_run(tasks, name, stop)
+
+    monkeypatch.setattr(_parallel, "run_in_threads", run_in_threads)  # for_each, the reader's
+    monkeypatch.setattr(writer, "run_in_threads", run_in_threads)
+    return started
+
+
+@pytest.fixture
 def threads_used(monkeypatch):
     """The names of the threads that wrote data files and that read them."""
     used = {"write": set(), "read": set()}
@@ -56,20 +71,22 @@ def test_small_checkpoint_is_written_and_read_on_the_calling_thread(tmp_path, re
     assert threads_used == {"write": {threading.current_thread().name}, "read": {threading.current_thread().name}}
 
 
-def test_large_checkpoint_uses_every_thread(tmp_path, real_policy, threads_used):
+def test_large_checkpoint_uses_every_thread(tmp_path, real_policy, threads_started):
     state = {f"w{i}": torch.randn(4 * MiB) for i in range(4)}  # 4 x 16 MiB
     dcp_save(state, FileSystemWriter(tmp_path, thread_count=2))
     out = zeros_like_state(state)
     dcp_load(out, FileSystemReader(tmp_path, thread_count=2))
     assert_state_equal(state, out)
-    assert len(threads_used["write"]) == 2 and len(threads_used["read"]) == 2
+    # Two files on two threads each way (which thread takes which file is the scheduler's choice).
+    assert (threads_started["writer"], threads_started["reader"]) == ([2], [2])
 
 
-def test_many_synced_files_use_threads_for_their_fsyncs(tmp_path, real_policy, threads_used):
+def test_many_synced_files_use_threads_for_their_fsyncs(tmp_path, real_policy, threads_started, threads_used):
     state = {f"t{i}": torch.randn(16) for i in range(40)}  # 40 files, one fsync each
     dcp_save(state, FileSystemWriter(tmp_path, thread_count=2, single_file_per_rank=False))
-    assert len(threads_used["write"]) == 2
+    assert threads_started["writer"] == [2]
     out = zeros_like_state(state)
     dcp_load(out, FileSystemReader(tmp_path, thread_count=2))
     assert_state_equal(state, out)
+    assert threads_started["reader"] == [1]
     assert threads_used["read"] == {threading.current_thread().name}
