@@ -141,7 +141,7 @@ def note_no_space(error: BaseException, fs: FileSystemBase, directory: PathLike,
     add_to_message(error, f"this save needs at least {needed} bytes{where}")
 
 
-def _named_by(fs: FileSystemBase, path: PathLike) -> Optional[Set[str]]:
+def named_by(fs: FileSystemBase, path: PathLike) -> Optional[Set[str]]:
     """The data files the metadata at ``path`` names; None where they cannot be told."""
     with fs.create_stream(path, "rb") as stream:
         metadata = load_metadata(stream, str(path))
@@ -187,7 +187,7 @@ def reclaim(fs: FileSystemBase, directory: PathLike, prefix: str) -> Optional[Se
             continue
         path = fs.concat_path(directory, metadata_name)
         try:
-            files = _named_by(fs, path)
+            files = named_by(fs, path)
         except FileNotFoundError:
             continue
         except Exception as e:

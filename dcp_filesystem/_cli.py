@@ -64,7 +64,7 @@ def _file_format(path: str, items: List[Any]) -> Optional[str]:
             f.seek(offset)
             return f.read(length)
 
-        header = _safetensors.read_header(read_at, 0, size, path)
+        header = functools.partial(_safetensors.read_header, read_at, 0, size, path)
         for is_tensor, info in sorted(items, key=lambda item: not item[0]):
             head = functools.partial(read_at, info.offset, _safetensors.SNIFF_BYTES)
             stored = stored_as(info, header, head, is_tensor)

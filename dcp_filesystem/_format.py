@@ -82,21 +82,29 @@ class Stored(Enum):
 
 
 def stored_as(
-    info: Any, file_header: Optional[_safetensors.Header], read_head: Callable[[], bytes], is_tensor: bool
+    info: Any,
+    file_header: Callable[[], Optional[_safetensors.Header]],
+    read_head: Callable[[], bytes],
+    is_tensor: bool,
 ) -> Optional[Stored]:
     """How the item with storage info ``info`` is stored; None where its bytes are none of these.
 
-    ``file_header``: the safetensors header at the start of its data file, if any; ``read_head()``:
-    the item's first ``_safetensors.SNIFF_BYTES`` bytes, read only where they decide.
-    Non-tensor values are stored as their bytes: they count as the format of the file around them.
+    Decided by the storage info where it says (stream transforms; this package's safetensors entries
+    are marked), else by the item's first ``_safetensors.SNIFF_BYTES`` bytes (``read_head()``), else
+    by the safetensors header at the start of its data file (``file_header()``: this package's
+    files from before entries were marked). Each is called only where it decides. Non-tensor
+    values are stored as their bytes: they count as the format of the file around them.
     """
     if transform_descriptors_of(info):
         return Stored.TORCH_SAVE
-    if file_header is not None and info.offset >= file_header.data_start:
+    if _safetensors.is_ours(info):
         return Stored.SAFETENSORS
     head = read_head()
     if head[:4] == ZIP_MAGIC:
         return Stored.TORCH_SAVE
     if is_tensor and _safetensors.looks_like_header(head):
         return Stored.STOCK_SAFETENSORS
+    header = file_header()
+    if header is not None and info.offset >= header.data_start:
+        return Stored.SAFETENSORS
     return None

@@ -31,6 +31,7 @@ FORMAT_VALUE = "pt"
 BYTE_IO_KEY = "DCP_BYTE_IO"
 HEADER_METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000
+_OURS_FIELD = "safetensors_entry"  # in an item's storage info: see mark_ours
 SNIFF_BYTES = 9  # the header's length, then its opening brace
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -130,22 +131,29 @@ def looks_like_header(head: bytes) -> bool:
     return len(head) >= SNIFF_BYTES and head[8:9] == b"{"
 
 
-def read_header(read_at: Callable[[int, int], bytes], base: int, file_size: int, where: str) -> Optional[Header]:
+def read_header(
+    read_at: Callable[[int, int], bytes], base: int, file_size: Optional[int], where: str
+) -> Optional[Header]:
     """The bounds-checked safetensors header that begins at ``base``; None where none begins there.
 
-    ``read_at(offset, n)`` returns up to n bytes at an absolute offset.
+    ``read_at(offset, n)`` returns up to n bytes at an absolute offset; ``file_size`` is None where
+    the file's size is not known (an object store's stream), and reads past its end come back short.
     """
+    size = MAX_HEADER_BYTES + base + 8 if file_size is None else file_size
     start = read_at(base, SNIFF_BYTES)
     if not looks_like_header(start):
         return None
     (header_len,) = struct.unpack("<Q", start[:8])
-    if header_len > MAX_HEADER_BYTES or base + 8 + header_len > file_size:
+    if header_len > MAX_HEADER_BYTES or base + 8 + header_len > size:
         raise ValueError(
             f"{where}: safetensors header length {header_len} is larger than the file "
             f"({file_size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
         )
+    raw = read_at(base + 8, header_len)
+    if len(raw) != header_len:
+        raise ValueError(f"{where}: safetensors header of {header_len} bytes is cut short at {len(raw)} bytes")
     try:
-        header = json.loads(read_at(base + 8, header_len))
+        header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{where}: safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -161,10 +169,10 @@ def read_header(read_at: Callable[[int, int], bytes], base: int, file_size: int,
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{where}: safetensors entry {key!r} is malformed: {info!r}") from None
         nbytes = _numel(shape) * torch._utils._element_size(dtype)
-        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > file_size:
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > size:
             raise ValueError(
                 f"{where}: safetensors entry {key!r} has offsets {[begin, end]} that do not fit "
-                f"shape {list(shape)} of {info['dtype']} in a {file_size}-byte file"
+                f"shape {list(shape)} of {info['dtype']} in a {file_size or 'not sized'}-byte file"
             )
         entries[key] = Entry(dtype, shape, data_start + begin, data_start + end)
     return Header(data_start, entries, metadata if isinstance(metadata, dict) else {})
@@ -177,6 +185,33 @@ def find_entry(header: Header, fqn: str, offsets: Optional[Sequence[int]], begin
         entry = header.entries.get(key)
         if entry is not None and entry.begin == begin and entry.end == end:
             return entry
+    return None
+
+
+def mark_ours(info: Any) -> None:
+    """Say in an item's storage info that its bytes are an entry of this package's safetensors file, so a
+    reader knows without the file's header (an object store serves only the items' own bytes)."""
+    setattr(info, _OURS_FIELD, True)
+
+
+def is_ours(info: Any) -> bool:
+    return bool(getattr(info, _OURS_FIELD, False))
+
+
+def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
+    """The entry of a marked item, from the checkpoint's metadata of its tensor (``TensorStorageMetadata``);
+    None for an unmarked item or where the metadata has no chunk at the item's offsets."""
+    if not is_ours(info):
+        return None
+    chunks = getattr(tensor, "chunks", None) or []
+    hint = getattr(index, "index", None)
+    candidates = ([chunks[hint]] if hint is not None and 0 <= hint < len(chunks) else []) + list(chunks)
+    for chunk in candidates:
+        if index.offset is None or tuple(chunk.offsets) == tuple(index.offset):
+            shape = tuple(chunk.sizes)
+            if _numel(shape) * torch._utils._element_size(tensor.properties.dtype) != info.length:
+                return None
+            return Entry(tensor.properties.dtype, shape, info.offset, info.offset + info.length)
     return None
 
 

@@ -21,7 +21,9 @@ class FileSystemBase(ABC):
     def concat_path(self, path: PathLike, suffix: str) -> PathLike: ...
 
     @abstractmethod
-    def rename(self, path: PathLike, new_path: PathLike) -> None: ...
+    def rename(self, path: PathLike, new_path: PathLike) -> None:
+        """Move ``path`` to ``new_path``, best replacing an existing ``new_path`` in one step (os.replace,
+        an object store's copy): where it raises FileExistsError, the writer removes ``new_path`` first."""
 
     @abstractmethod
     def init_path(self, path: PathLike) -> PathLike: ...
@@ -47,17 +49,72 @@ class FileSystemBase(ABC):
         return None
 
     def local_path(self, path: PathLike) -> Optional[str]:
-        """``path`` on the local file system, for checks the OS can answer; None where it is not local."""
+        """``path`` on the local file system, for checks the OS can answer; None where it is not local.
+
+        Files without a local path are read as an object store serves them: front to back, inside
+        the planned items' byte ranges only, never seeking to their end."""
         return None
 
     def sync_dir(self, path: PathLike) -> None:
         """Make files created and renamed inside ``path`` durable; nothing to do where there are no directories."""
         return None
 
-    def rename_replaces(self) -> bool:
-        """Whether ``rename`` replaces an existing destination in one step, so readers never see it missing."""
-        return False
 
+class _Adopted(FileSystemBase):
+    """A file system built on torch's FileSystemBase instead of ours (s3torchconnector's S3FileSystem,
+    torch's fsspec FileSystem): upstream's methods are its own; of the rest it gets the object-store
+    defaults, and its own ``ls`` where it has one."""
+
+    def __init__(self, fs: Any) -> None:
+        self.adopted = fs
+
+    def __getattr__(self, name: str) -> Any:  # its other attributes, e.g. an S3 client
+        if name == "adopted":  # not set yet (while unpickling)
+            raise AttributeError(name)
+        return getattr(self.adopted, name)
+
+    def create_stream(self, path: PathLike, mode: str) -> Any:
+        return self.adopted.create_stream(path, mode)
+
+    def concat_path(self, path: PathLike, suffix: str) -> PathLike:
+        return self.adopted.concat_path(path, suffix)
+
+    def rename(self, path: PathLike, new_path: PathLike) -> None:
+        self.adopted.rename(path, new_path)
+
+    def init_path(self, path: PathLike) -> PathLike:
+        return self.adopted.init_path(path)
+
+    def mkdir(self, path: PathLike) -> None:
+        self.adopted.mkdir(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
+        return False  # never asked: the writer and reader ask their own classes
+
+    def exists(self, path: PathLike) -> bool:
+        return self.adopted.exists(path)
+
+    def rm_file(self, path: PathLike) -> None:
+        self.adopted.rm_file(path)
+
+    def ls(self, path: PathLike) -> Optional[List[str]]:
+        ls = getattr(self.adopted, "ls", None)
+        return None if ls is None else [str(entry) for entry in ls(path)]
+
+
+class FileSystemAttribute:
+    """The ``fs`` attribute of the writer and reader. Subclasses assign a file system of their own, as
+    they do on torch's classes; one built on torch's FileSystemBase is adopted as one of ours."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: Optional[type] = None) -> Any:
+        return self if obj is None else obj.__dict__[self.slot]
+
+    def __set__(self, obj: Any, fs: Any) -> None:
+        obj.__dict__[self.slot] = fs if isinstance(fs, FileSystemBase) else _Adopted(fs)
 
 class FileSystem(FileSystemBase):
     """The local file system."""
@@ -75,9 +132,6 @@ class FileSystem(FileSystemBase):
 
     def rename(self, path: PathLike, new_path: PathLike) -> None:
         os.replace(path, new_path)
-
-    def rename_replaces(self) -> bool:
-        return True  # os.replace is atomic on POSIX: readers see the old file or the new, never neither
 
     def mkdir(self, path: PathLike) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)

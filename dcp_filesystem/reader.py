@@ -1,7 +1,6 @@
 """FileSystemReader: a StorageReader for checkpoints written by this package or by stock torch."""
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import os
@@ -25,7 +24,7 @@ from ._gc import gc_paused
 from ._parallel import crc32, for_each, pread_into, preadv_descriptor, worker_count
 from ._safe_pickle import load_metadata
 from ._torch_save import PlainTensor, crc_error, load_tensor, plain_storage
-from .fs import FileSystem, PathLike
+from .fs import FileSystem, FileSystemAttribute, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
 logger = logging.getLogger(__package__)
@@ -51,15 +50,23 @@ def _narrow(tensor: torch.Tensor, offsets: Any, lengths: Any) -> torch.Tensor:
 class _DataFile:
     """One open data file: positioned reads, and its safetensors headers parsed once.
 
+    A local file is read as fast as it allows: its size first, positioned reads on several cores,
+    reads ahead over runs of small items. A file of any other file system (an object store) is read
+    only as one allows: inside the byte ranges of planned items, front to back, never at its end,
+    never across an item's boundary; its size is not known, so a short read says what is missing.
     After ``read_ahead(start, end)``, reads that lie within that range are served from memory.
     """
 
-    def __init__(self, stream: IO[bytes], name: str, files_at_once: int) -> None:
+    def __init__(self, stream: IO[bytes], name: str, files_at_once: int, local: bool) -> None:
         self.stream = stream
         self.name = name
-        stream.seek(0, os.SEEK_END)
-        self.size = stream.tell()
-        self.fd = preadv_descriptor(stream)
+        self.local = local
+        self.fd = preadv_descriptor(stream) if local else None
+        self.size: Optional[int] = None
+        if self.fd is not None:
+            self.size = os.fstat(self.fd).st_size
+        elif local:
+            self.size = stream.seek(0, os.SEEK_END)
         self.files_at_once = files_at_once
         self._headers: Dict[int, Optional[_safetensors.Header]] = {}
         self._ahead_start = 0
@@ -110,7 +117,7 @@ class _DataFile:
         return buffer if got == length else buffer[:got]
 
     def check_range(self, offset: int, length: int, req: ReadItem) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
+        if offset < 0 or length < 0 or (self.size is not None and offset + length > self.size):
             raise ValueError(
                 f"{self.name}: item {_describe(req)} needs bytes [{offset}, {offset + length}) "
                 f"but the file has {self.size} bytes (truncated or damaged checkpoint)"
@@ -138,11 +145,6 @@ class _DataFile:
         if _checksum.stored_crc32(info) is not None:
             _checksum.check(self.name, _describe(req), info, crc32(memoryview(payload), self.files_at_once))
         return payload
-
-
-def _find_entry(header: _safetensors.Header, req: ReadItem, info: Any) -> Optional[_safetensors.Entry]:
-    index = req.storage_index
-    return _safetensors.find_entry(header, index.fqn, index.offset, info.offset, info.offset + info.length)
 
 
 def _run_end(reqs: List[Tuple[ReadItem, Any]], first: int) -> int:
@@ -180,6 +182,8 @@ class _LockedPlanner:
 
 
 class FileSystemReader(StorageReader):
+    fs = FileSystemAttribute()
+
     def __init__(
         self,
         path: PathLike,
@@ -201,6 +205,7 @@ class FileSystemReader(StorageReader):
         self.fs = FileSystem()
         self.path = self.fs.init_path(path)
         self.storage_data: Dict[Any, Any] = {}
+        self._tensors: Dict[str, Any] = {}  # the metadata's state_dict_metadata
         self.load_id = _generate_uuid()
         self.transforms = _StorageReaderTransforms(_extension_registry)
         self.thread_count = thread_count
@@ -235,12 +240,15 @@ class FileSystemReader(StorageReader):
 
         def read_file(relative_path: str) -> None:
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
-            with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
-                data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads)
-                data_file.safetensors_header()  # a damaged header fails here, whichever item comes first
+            path = self.fs.concat_path(self.path, relative_path)
+            local = self.fs.local_path(path) is not None
+            with self.fs.create_stream(path, "rb") as stream:
+                data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads, local)
+                if local:
+                    data_file.safetensors_header()  # a damaged header fails here, whichever item comes first
                 read_until = 0
                 for n, (req, info) in enumerate(reqs):
-                    if info.length < _SMALL_ITEM_BYTES and info.offset + info.length > read_until:
+                    if local and info.length < _SMALL_ITEM_BYTES and info.offset + info.length > read_until:
                         read_until = _run_end(reqs, n)
                         data_file.read_ahead(info.offset, read_until)
                     self._read_item(data_file, req, info, file_planner)
@@ -279,12 +287,20 @@ class FileSystemReader(StorageReader):
     def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
         data_file.check_range(info.offset, info.length, req)
         is_tensor = req.type != LoadItemType.BYTE_IO
+        read: List[bytearray] = []  # where sniffing the item's head read all of it (not a local file)
+
+        def read_head() -> bytes:
+            if data_file.local:
+                return data_file.read_at(info.offset, _safetensors.SNIFF_BYTES)
+            read.append(data_file.read_checked(req, info))  # read once, front to back
+            return bytes(read[0][: _safetensors.SNIFF_BYTES])
+
         if is_tensor:
-            read_head = functools.partial(data_file.read_at, info.offset, _safetensors.SNIFF_BYTES)
-            stored = stored_as(info, data_file.safetensors_header(), read_head, is_tensor)
-            if not transform_descriptors_of(info) and self._read_in_place(data_file, req, info, stored, planner):
+            stored = stored_as(info, data_file.safetensors_header, read_head, is_tensor)
+            in_place = not read and not transform_descriptors_of(info)
+            if in_place and self._read_in_place(data_file, req, info, stored, planner):
                 return
-        payload = data_file.read_checked(req, info)
+        payload = read[0] if read else data_file.read_checked(req, info)
         try:
             if not is_tensor:
                 planner.load_bytes(req, io.BytesIO(self._untransformed(req, info, payload)))
@@ -308,10 +324,11 @@ class FileSystemReader(StorageReader):
         """Where the item lies as a plain run of bytes (a whole safetensors entry, or a large torch.save
         storage), with the item's stored bytes before and after that run; None where it does not."""
         if stored is Stored.SAFETENSORS:
-            entry = _find_entry(data_file.safetensors_header(), req, info)  # type: ignore[arg-type]
+            entry = self._entry(data_file, req, info)
             plain = None if entry is None else PlainTensor(entry.dtype, entry.shape, info.offset, info.length, 0, "")
             return None if plain is None else (plain, memoryview(b""), memoryview(b""))
-        if stored is not Stored.TORCH_SAVE or info.length < _IN_PLACE_ARCHIVE_BYTES:
+        # An archive's edges come first, then its middle: only where the file allows reading back.
+        if stored is not Stored.TORCH_SAVE or info.length < _IN_PLACE_ARCHIVE_BYTES or not data_file.local:
             return None
         head = memoryview(data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, req))
         tail_offset = info.offset + info.length - _ARCHIVE_EDGE_BYTES
@@ -380,7 +397,7 @@ class FileSystemReader(StorageReader):
         if stored is Stored.TORCH_SAVE:
             return load_tensor(payload)
         if stored is Stored.SAFETENSORS:
-            entry = _find_entry(data_file.safetensors_header(), req, info)  # type: ignore[arg-type]
+            entry = self._entry(data_file, req, info)
             if entry is None:
                 raise ValueError(f"no safetensors entry covers bytes [{info.offset}, {info.offset + info.length})")
             return tensor_from_bytes(payload, entry.dtype, entry.shape)
@@ -391,6 +408,17 @@ class FileSystemReader(StorageReader):
                 raw = data_file.read_exact(entry.begin, entry.end - entry.begin, req)
                 return tensor_from_bytes(raw, entry.dtype, entry.shape)
         raise ValueError("payload is neither a torch.save archive nor a safetensors entry")
+
+    def _entry(self, data_file: _DataFile, req: ReadItem, info: Any) -> Optional[_safetensors.Entry]:
+        """The safetensors entry of an item stored by this package: from the metadata where the item is
+        marked, else from its data file's header."""
+        index = req.storage_index
+        entry = _safetensors.entry_from_metadata(info, self._tensors.get(index.fqn), index)
+        if entry is not None:
+            return entry
+        header = data_file.safetensors_header()
+        end = info.offset + info.length
+        return None if header is None else _safetensors.find_entry(header, index.fqn, index.offset, info.offset, end)
 
     def _untransformed(self, req: ReadItem, info: Any, payload: bytearray) -> bytearray:
         """An item's stored bytes with its stream transforms undone."""
@@ -422,6 +450,7 @@ class FileSystemReader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data
+        self._tensors = metadata.state_dict_metadata
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
         if self.storage_data is None:

@@ -35,10 +35,10 @@ from ._format import (
     storage_info_for_disk,
 )
 from ._parallel import run_in_threads, worker_count
-from ._safetensors import dtype_name, file_layout
+from ._safetensors import dtype_name, file_layout, mark_ours
 from ._torch_save import save_tensor
 from ._writeback import with_early_writeback
-from .fs import FileSystem, PathLike, fsync_stream
+from .fs import FileSystem, FileSystemAttribute, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader, caller_device_context, on_device
 from .transforms import StreamTransformExtension, _StorageWriterTransforms
 
@@ -104,6 +104,8 @@ def _write_item(
     info = _StorageInfo(storage_key, offset, length, transform_descriptors=descriptors or None)
     if isinstance(stream, ChecksummingWriter):
         record_crc32(info, stream.crc)
+    if serialization_format == SerializationFormat.SAFETENSORS:
+        mark_ours(info)
     return WriteResult(index=write_item.index, size_in_bytes=length, storage_data=info)
 
 
@@ -207,6 +209,8 @@ class _FileSystemWriter(StorageWriter):
     The checkpoint consists of one file per write request plus a ``.metadata``
     file (``__{rank}.metadata`` per rank when saving without collectives).
     """
+
+    fs = FileSystemAttribute()
 
     def __init__(
         self,
@@ -434,17 +438,23 @@ class _FileSystemWriter(StorageWriter):
         data = with_trailer(pickle.dumps(metadata))
         step: Tuple[PathLike, ...] = (tmp_path,)  # the file(s) the step that may fail works on
         old_removed = False
+        replaced = self._files_named_by(metadata_path) if listed is None else set()
         try:
             with self.fs.create_stream(tmp_path, "wb") as metadata_file:
                 metadata_file.write(data)
                 if self.sync_files:
                     fsync_stream(metadata_file)
-            if not self.fs.rename_replaces() and self.fs.exists(metadata_path):
+            step = (tmp_path, metadata_path)
+            try:
+                # Replaces the earlier metadata in one step: os.replace, or an object store's copy.
+                self.fs.rename(tmp_path, metadata_path)
+            except FileExistsError:
+                # A file system whose rename keeps an existing file: the earlier metadata goes first.
                 step = (metadata_path,)
                 self.fs.rm_file(metadata_path)
                 old_removed = True
-            step = (tmp_path, metadata_path)
-            self.fs.rename(tmp_path, metadata_path)
+                step = (tmp_path, metadata_path)
+                self.fs.rename(tmp_path, metadata_path)
         except BaseException as e:
             _cleanup.name_file(e, *step)
             renaming = len(step) == 2
@@ -462,7 +472,20 @@ class _FileSystemWriter(StorageWriter):
                     "but may not survive a power loss, so the earlier data files were kept"
                 )
                 raise
-        self._remove_stale_data_files(metadata, rank, listed)
+        self._remove_stale_data_files(metadata, rank, listed, replaced)
+
+    def _files_named_by(self, metadata_path: PathLike) -> Set[str]:
+        """The data files the committed metadata names: where a file system cannot list, they are the
+        files a new save replaces. Empty where there is no metadata or it cannot be read."""
+        try:
+            if not self.fs.exists(metadata_path):  # an object store's missing key is not FileNotFoundError
+                return set()
+            return _cleanup.named_by(self.fs, metadata_path) or set()
+        except FileNotFoundError:
+            return set()
+        except Exception as e:
+            logger.warning("cannot read %s to find the data files it names, which are kept: %s", metadata_path, e)
+            return set()
 
     def _metadata_is(self, metadata_path: PathLike, data: bytes) -> bool:
         """Whether ``metadata_path`` holds ``data`` (a rename that failed may still have taken place)."""
@@ -506,17 +529,19 @@ class _FileSystemWriter(StorageWriter):
         self._discard(paths, error, needed)
 
     def _remove_stale_data_files(
-        self, metadata: Metadata, rank: Optional[int], listed: Optional[Set[str]] = None
+        self, metadata: Metadata, rank: Optional[int], listed: Optional[Set[str]], replaced: Set[str]
     ) -> None:
         """Delete data files of earlier (or killed) saves that the committed metadata no longer names.
 
         Where this save listed the directory before it wrote (``listed``), only files there then are
         candidates, so none another rank's later save creates; never one that another save in this
-        process may still commit. A file that cannot be removed is logged and left for the next
-        save. With rank-local metadata only this rank's files are candidates.
+        process may still commit. Where the file system cannot list, the candidates are the files
+        the replaced metadata named (``replaced``): leftovers of killed saves stay there. A file
+        that cannot be removed is logged and left for the next save. With rank-local metadata only
+        this rank's files are candidates.
         """
         try:
-            entries = self.fs.ls(self.path)
+            entries = self.fs.ls(self.path) if listed is not None else sorted(replaced)
         except Exception as e:
             logger.warning("cannot list %s to remove earlier data files: %s: %s", self.path, type(e).__name__, e)
             return

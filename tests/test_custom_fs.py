@@ -299,42 +299,66 @@ class BareMemoryFS(MemoryFS):
         self.calls.append(("sync_dir", str(path)))
 
 
-class ReplacingMemoryFS(MemoryFS):
-    def rename_replaces(self):
-        return True
+class RefusingMemoryFS(BareMemoryFS):
+    """A rename that keeps an existing destination, as some file systems' do."""
+
+    def rename(self, path, new_path):
+        if str(new_path) in self.files:
+            self.calls.append(("rename refused", str(path), str(new_path)))
+            raise FileExistsError(str(new_path))
+        super().rename(path, new_path)
 
 
 def test_file_system_capabilities_have_object_store_defaults():
     base = BareMemoryFS()
-    assert (base.ls("memory://c"), base.local_path("memory://c"), base.rename_replaces()) == (None, None, False)
+    assert (base.ls("memory://c"), base.local_path("memory://c")) == (None, None)
     assert FileSystemBase.sync_dir(base, "memory://c") is None
-    local = FileSystem()
-    assert local.rename_replaces() and local.local_path("/x/y") == "/x/y"
+    assert FileSystem().local_path("/x/y") == "/x/y"
 
 
-def test_what_the_file_system_can_do_decides_the_commit():
-    # Cannot list: an overwrite leaves the earlier save's data file; cannot replace on rename:
-    # the old .metadata is removed just before the rename; sync_dir is asked either way.
-    fs = BareMemoryFS()
-    dcp_save({"a": torch.arange(4)}, MemoryWriter("memory://c", fs))
+def _overwrite(fs, **options):
+    dcp_save({"a": torch.arange(4)}, MemoryWriter("memory://c", fs, **options))
     first = set(fs.files)
     fs.calls.clear()
-    dcp_save({"a": torch.arange(4) * 2}, MemoryWriter("memory://c", fs))
-    assert first < set(fs.files) and len(fs.files) == 3
-    renames = [c for c in fs.calls if c[0] in ("rm_file", "rename", "sync_dir")]
-    assert renames == [
+    dcp_save({"a": torch.arange(4) * 2}, MemoryWriter("memory://c", fs, **options))
+    target = {"a": torch.zeros(4, dtype=torch.int64)}
+    dcp_load(target, MemoryReader("memory://c", fs))
+    assert torch.equal(target["a"], torch.arange(4) * 2)
+    return first, [c for c in fs.calls if c[0] in ("rm_file", "rename", "rename refused", "sync_dir")]
+
+
+def test_without_listing_the_replaced_metadata_names_the_files_to_remove():
+    # Cannot list (an object store): the earlier .metadata is read before it is replaced, and the
+    # data files it named are removed once the new one is in place; the rename replaces it in one step.
+    fs = BareMemoryFS()
+    first, calls = _overwrite(fs)
+    (new_data,) = set(fs.files) - first
+    assert sorted(fs.files) == ["memory://c/.metadata", new_data]
+    assert calls == [
+        ("rename", "memory://c/.metadata.tmp", "memory://c/.metadata"),
+        ("sync_dir", "memory://c"),
+        ("rm_file", "memory://c/__0_0.distcp"),
+    ]
+    old_read = fs.calls.index(("create_stream", "memory://c/.metadata", "rb"))
+    assert old_read < fs.calls.index(("rename", "memory://c/.metadata.tmp", "memory://c/.metadata"))
+
+
+def test_a_rename_that_refuses_an_existing_file_removes_the_old_metadata_first():
+    fs = RefusingMemoryFS()
+    _, calls = _overwrite(fs)
+    assert calls == [
+        ("rename refused", "memory://c/.metadata.tmp", "memory://c/.metadata"),
         ("rm_file", "memory://c/.metadata"),
         ("rename", "memory://c/.metadata.tmp", "memory://c/.metadata"),
         ("sync_dir", "memory://c"),
+        ("rm_file", "memory://c/__0_0.distcp"),
     ]
 
-    fs = ReplacingMemoryFS()
-    dcp_save({"a": torch.arange(4)}, MemoryWriter("memory://c", fs, single_file_per_rank=False))
-    fs.calls.clear()
-    dcp_save({"a": torch.arange(4) * 3}, MemoryWriter("memory://c", fs, single_file_per_rank=False))
+
+def test_a_listing_file_system_removes_what_the_listing_finds():
+    fs = MemoryFS()
+    _overwrite(fs, single_file_per_rank=False)
+    renames = [c for c in fs.calls if c[0] in ("rm_file", "rename")]
     # Replaced in one step: the old metadata is never removed first; the listing finds the stale file.
-    assert ("rm_file", "memory://c/.metadata") not in fs.calls
-    assert [c[1] for c in fs.calls if c[0] == "rm_file"] == ["memory://c/__0_0.distcp"]
-    target = {"a": torch.zeros(4, dtype=torch.int64)}
-    dcp_load(target, MemoryReader("memory://c", fs))
-    assert torch.equal(target["a"], torch.arange(4) * 3)
+    assert renames == [("rename", "memory://c/.metadata.tmp", "memory://c/.metadata"),
+                       ("rm_file", "memory://c/__0_0.distcp")]

@@ -111,6 +111,8 @@ class FaultFS(LocalFS):
 
     def rename(self, path, new_path):
         self._tick("rename", path)
+        if not self.replaces and os.path.exists(new_path):
+            raise FileExistsError(errno.EEXIST, "this file system's rename keeps an existing file", str(new_path))
         self.inner.rename(path, new_path)
 
     def rm_file(self, path):
@@ -118,9 +120,6 @@ class FaultFS(LocalFS):
         if self.fail_every_rm:
             raise OSError(errno.EACCES, "injected: every removal fails")
         self.inner.rm_file(path)
-
-    def rename_replaces(self):
-        return self.replaces
 
     def ls(self, path):
         return self.inner.ls(path)
@@ -368,12 +367,13 @@ def test_a_rename_that_took_place_keeps_the_new_checkpoint(tmp_path, monkeypatch
 
 
 def test_a_failed_rename_after_the_old_metadata_went_keeps_the_new_files(tmp_path, monkeypatch):
-    # A file system that cannot replace on rename: the old .metadata is removed first. If the
-    # rename then fails, neither checkpoint is in place; the new one's files are kept for recovery.
+    # A file system whose rename refuses an existing file: the old .metadata is removed, then the
+    # rename is tried again. If that fails, neither checkpoint is in place; the new one's files are
+    # kept for recovery.
     fmt = SerializationFormat.TORCH_SAVE
     path = tmp_path / "c"
     dcp_save(state_of(1), writer(path, fmt))
-    fs = FaultFS("rename", 1, replaces=False)
+    fs = FaultFS("rename", 2, replaces=False)
     error = save_with(fs, path, fmt, state_of(2), monkeypatch)
     assert (
         f"(the earlier {path / '.metadata'} was already removed (this file system cannot replace a file on "
