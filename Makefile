@@ -12,7 +12,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
-TEST_DEPS := pytest safetensors zstandard zlib-ng hypothesis numpy ruff build wheel
+TEST_DEPS := pytest safetensors zstandard zlib-ng hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
 
 .PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench
 

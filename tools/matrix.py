@@ -40,7 +40,7 @@ ALL_CELLS = [
 # One cell on each side of every behaviour boundary the suite knows (README, "Per-version notes").
 CI_CELLS = ["2.1.2/3.9", "2.2.2/3.10", "2.3.1/3.11", "2.5.1/3.12", "2.6.0/3.9", "2.8.0/3.11", "2.10.0/3.12",
             "2.15.0/3.13"]  # fmt: skip
-TEST_DEPS = ["pytest", "safetensors", "zstandard", "zlib-ng", "hypothesis"]
+TEST_DEPS = ["pytest", "safetensors", "zstandard", "zlib-ng", "hypothesis", "moto[server]", "s3fs"]
 
 
 def minor(cell: str) -> tuple:
@@ -63,8 +63,8 @@ def test_deps(torch_version: str) -> list:
     # writer (2.8+) needs NumPy. 2.1 stays without it, which proves the package never needs it
     # (torch 2.1 + NumPy 2 has no Tensor.numpy()).
     version = minor(torch_version)
-    if version >= (2, 3):
-        return TEST_DEPS + ["numpy"]
+    if version >= (2, 3):  # s3torchconnector's DCP classes need torch 2.3+ (its "dcp" extra says so)
+        return TEST_DEPS + ["numpy", "s3torchconnector[dcp]"]
     return TEST_DEPS + (["numpy<2"] if version == (2, 2) else [])
 
 
