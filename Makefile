@@ -6,12 +6,15 @@
 # make test-matrix-all  the same on all fifteen minors 2.1-2.15 (venvs outside the CI spread, 5-7 GB each,
 #                  deleted after their run)
 # make lint        ruff, Python 3.9 target
-# make bench       the benchmark against stock torch and raw file I/O
+# make bench       the benchmark against stock torch and raw file I/O, warm and (as root) cold loads; writes
+#                  benchmarks/RESULTS.md, benchmarks/summary.png and README.rst's summary table from its rows
+#                  (installs matplotlib, the [bench] extra, into the venv for the chart)
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
+BENCH_ARGS ?= --cold
 TEST_DEPS := pytest safetensors zstandard zlib-ng hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
 
 .PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench
@@ -43,4 +46,5 @@ lint: $(VENV)/.ready
 	$(PYTHON) -m ruff check dcp_filesystem tests tools benchmarks examples
 
 bench: $(VENV)/.ready
-	$(PYTHON) benchmarks/bench.py
+	$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)

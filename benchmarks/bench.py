@@ -3,6 +3,9 @@
 
 Run from the repo root:
   python benchmarks/bench.py [--quick] [--cold] [--json PATH] [--repeats N] [--dir DIR] [--workload W]
+                             [--docs | --no-docs]
+A full run (all workloads, no --quick) also writes benchmarks/RESULTS.md, benchmarks/summary.png (with
+matplotlib) and README.rst's summary table, all three from its rows; --docs and --no-docs decide instead.
 What is measured: the "Benchmark" section of README.rst. Optional libraries (safetensors) are imported
 only inside their variants, so this module imports on every supported torch without them.
 """
@@ -15,10 +18,12 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -448,11 +453,13 @@ def timed(fn, *args, cold=False):
 def run_workload(name, sd, cases, repeats, root, results, progress, cold=False):
     """Interleaved repeats of save-then-load for every case; appends row dicts to results.
     Every load fills the same preallocated targets (``dest``, zeroed and so touched before each load);
-    with ``cold`` the page cache is dropped before each load."""
+    with ``cold`` each save is followed by two loads, one from the page cache and one after dropping it."""
     flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors(sd)])
     payload = flat.numel()
     dest, flat_dest = zeros_like_state(sd), torch.zeros_like(flat)
-    samples = {(c, op): [] for c in cases for op in ("save", "load")}
+    loads = (False, True) if cold else (False,)
+    ops = [("save", False)] + [("load", c) for c in loads]
+    samples = {(c, op): [] for c in cases for op in ops}
     failed, verified = {}, set()
     path = os.path.join(root, "ckpt")
     for r in range(repeats):
@@ -464,35 +471,36 @@ def run_workload(name, sd, cases, repeats, root, results, progress, cold=False):
             raw = isinstance(variant, RawVariant)
             src, dst = (flat, flat_dest) if raw else (sd, dest)
             shutil.rmtree(path, ignore_errors=True)
-            samples[(case, "save")].append(timed(variant.save, src, path, sync, threads))
-            if case in failed:
-                continue
-            clear_(dst)
-            try:
-                result = timed(variant.load, dst, path, threads, cold=cold)
-            except (Exception, CheckpointException) as e:
-                if not variant.load_may_fail:
-                    raise
-                failed[case] = f"fails: {type(e).__name__}"
-                continue
-            if case not in verified:
-                where = f"{name}/{variant.name}/sync={sync}/threads={threads}"
-                if getattr(variant, "tensors_only", False):
-                    assert_equal(tensors(src), tensors(dst), where)
-                else:
-                    assert_equal(src, dst, where)
-                verified.add(case)
-            samples[(case, "load")].append(result)
+            samples[(case, ("save", False))].append(timed(variant.save, src, path, sync, threads))
+            for load_cold in loads:
+                if case in failed:
+                    break
+                clear_(dst)
+                try:
+                    result = timed(variant.load, dst, path, threads, cold=load_cold)
+                except (Exception, CheckpointException) as e:
+                    if not variant.load_may_fail:
+                        raise
+                    failed[case] = f"fails: {type(e).__name__}"
+                    break
+                if (case, load_cold) not in verified:
+                    where = f"{name}/{variant.name}/sync={sync}/threads={threads}/cold={load_cold}"
+                    if getattr(variant, "tensors_only", False):
+                        assert_equal(tensors(src), tensors(dst), where)
+                    else:
+                        assert_equal(src, dst, where)
+                    verified.add((case, load_cold))
+                samples[(case, ("load", load_cold))].append(result)
     shutil.rmtree(path, ignore_errors=True)
-    for op, case in [(op, case) for op in ("save", "load") for case in cases]:
+    for (op, op_cold), case in [(op, case) for op in ops for case in cases]:
         variant, sync, threads = case
-        runs = samples[(case, op)]
+        runs = samples[(case, (op, op_cold))]
         seconds = [s for s, _, _ in runs]
         median = statistics.median(seconds) if seconds else None
         inside = [i for _, _, i in runs if i is not None]
         outside = [s - i for s, _, i in runs if i is not None]
         results.append({
-            "workload": name, "op": op, "cold": cold and op == "load", "variant": variant.name, "sync": sync,
+            "workload": name, "op": op, "cold": op_cold, "variant": variant.name, "sync": sync,
             "threads": threads if variant.threaded else None,
             "payload_bytes": payload, "seconds": seconds, "median_s": median,
             "gb_per_s": payload / 1e9 / median if median else None,
@@ -506,15 +514,15 @@ def run_workload(name, sd, cases, repeats, root, results, progress, cold=False):
 def add_ratios(rows):
     """vs stock / vs raw: throughput ratios. ceiling: stock's time over this row's time outside the
     storage layer, the ratio to stock that a storage layer taking no time at all would reach."""
-    def find(workload, op, variant, sync, threads):
-        key = (workload, op, variant, sync, threads)
+    def find(workload, op, cold, variant, sync, threads):
+        key = (workload, op, cold, variant, sync, threads)
         for r in rows:
-            if (r["workload"], r["op"], r["variant"], r["sync"], r["threads"]) == key:
+            if (r["workload"], r["op"], r.get("cold", False), r["variant"], r["sync"], r["threads"]) == key:
                 return r
         return None
 
     for r in rows:
-        key = (r["workload"], r["op"])
+        key = (r["workload"], r["op"], r.get("cold", False))
         stock = find(*key, "stock torch_save", r["sync"], r["threads"]) if r["threads"] else None
         raw = find(*key, "raw", r["sync"], None)
         r["vs_stock"] = r["gb_per_s"] / stock["gb_per_s"] if r["gb_per_s"] and stock and stock["gb_per_s"] else None
@@ -535,10 +543,20 @@ def terminal_progress():
     return show
 
 
-def markdown(header, rows):
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
 
+
+def markdown(header, rows):
+    """What a run prints: a title line, then full_table's notes and table."""
+    return "\n".join([f"# dcp_filesystem benchmark — {header['date']}", "",
+                      f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
+                      f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
+                      full_table(header, rows)])
+
+
+def full_table(header, rows):
+    """The notes on what was measured, then one Markdown row per result row."""
     loads = header.get("loads", "warm: from the page cache")
     notes = [f"Loads {loads}. Every load fills the same preallocated target tensors, zeroed (so already "
              "touched) before each load; the peers' loads copy_ into them. safetensors save_file/safe_open "
@@ -549,10 +567,7 @@ def markdown(header, rows):
     if header.get("dcp_calls"):
         notes.append(f"DCP calls: {header['dcp_calls']}.")
     notes += header.get("skipped", [])
-    lines = [f"# dcp_filesystem benchmark — {header['date']}", "",
-             f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
-             f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
-             *[line for note in notes for line in (note, "")],
+    lines = [*[line for note in notes for line in (note, "")],
              "| workload | op | variant | sync | threads | median ms | storage ms | DCP ms | GB/s | vs stock "
              "| ceiling | vs raw | peak RSS +MiB |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -568,17 +583,255 @@ def markdown(header, rows):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- README summary, chart, RESULTS.md
+RESULTS_MD = os.path.join("benchmarks", "RESULTS.md")
+CHART_PNG = os.path.join("benchmarks", "summary.png")
+SUMMARY_START, SUMMARY_END = ".. bench-summary-start", ".. bench-summary-end"
+STOCK, SAFETENSORS_LIB = "stock torch_save", "safetensors save_file/safe_open"
+# (variant of the result rows, its name in the summary): ours in both formats, stock DCP, the safetensors library
+SUMMARY_VARIANTS = (
+    ("dcp_filesystem torch_save", "dcp_filesystem TORCH_SAVE"),
+    ("dcp_filesystem safetensors", "dcp_filesystem SAFETENSORS"),
+    (STOCK, "stock DCP TORCH_SAVE"),
+    (SAFETENSORS_LIB, "safetensors library"),
+)
+SUMMARY_COLUMNS = ("op", "variant", "median ms", "GB/s", "x stock DCP", "x safetensors")
+
+
+def summary_workload(rows):
+    """The workload the summary shows: llm where the run has it, else the first one run."""
+    names = [r["workload"] for r in rows]
+    return "llm" if "llm" in names else (names[0] if names else None)
+
+
+def summary_rows(rows):
+    """The result rows the README summarizes, at most 12: of summary_workload's rows, those of
+    SUMMARY_VARIANTS with the writer's and reader's defaults (sync_files=True, thread_count 1; the
+    safetensors library has no threads), for save, load and (where the run has them) cold load.
+    Each: {"op", "variant" (summary name), "row" (the result row), "vs_stock", "vs_safetensors"}:
+    how many times faster than stock DCP and than the safetensors library at the same op (its
+    median time over this row's), None where either is missing or failed."""
+    workload = summary_workload(rows)
+
+    def find(op, cold, variant):
+        for r in rows:
+            if (r["workload"], r["op"], bool(r.get("cold")), r["variant"], r["sync"]) == (
+                    workload, op, cold, variant, True) and r["threads"] in (1, None):
+                return r
+        return None
+
+    def speedup(base, r):
+        ok = base and r and base["median_s"] and r["median_s"] and not base["error"] and not r["error"]
+        return base["median_s"] / r["median_s"] if ok else None
+
+    ops = [("save", False), ("load", False)]
+    if any(r.get("cold") for r in rows if r["workload"] == workload):
+        ops.append(("load", True))
+    out = []
+    for op, cold in ops:
+        stock, lib = find(op, cold, STOCK), find(op, cold, SAFETENSORS_LIB)
+        for variant, shown in SUMMARY_VARIANTS:
+            r = find(op, cold, variant)
+            if r is not None:
+                out.append({"op": op + (" cold" if cold else " warm" if op == "load" else ""), "variant": shown,
+                            "row": r, "vs_stock": speedup(stock, r), "vs_safetensors": speedup(lib, r)})
+    return out
+
+
+def summary_cells(summary):
+    """The summary as strings, one list per row in SUMMARY_COLUMNS' order; median ms and GB/s are
+    formatted as in the full table, so each can be found there."""
+    cells = []
+    for s in summary:
+        r = s["row"]
+        ms = r["error"] or fmt(r["median_s"] and r["median_s"] * 1e3, ".1f")
+        cells.append([s["op"], s["variant"], ms, fmt(r["gb_per_s"], ".4g"), fmt(s["vs_stock"], ".2f"),
+                      fmt(s["vs_safetensors"], ".2f")])
+    return cells
+
+
+def summary_caption(header, rows):
+    """One line naming what the summary shows and the run it comes from (plain text: the same in
+    README.rst, RESULTS.md and the chart)."""
+    workload = summary_workload(rows)
+    payload = next((r["payload_bytes"] for r in rows if r["workload"] == workload), 0)
+    quick = " (--quick: small sizes, a smoke run)" if header.get("quick") else ""
+    return (f"Workload {workload}, {payload / 1e9:.3g} GB, sync_files=True, thread_count=1, median of "
+            f"{header['repeats']}; run of {header['date']}{quick}, torch {header['torch']}, "
+            f"{header.get('machine', {}).get('cpu', '?')}, {header['cpus']} CPUs.")
+
+
+def rst_table(columns, cells):
+    """An RST simple table."""
+    widths = [max(len(c) for c in col) for col in zip(columns, *cells)]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(row):
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
+    return "\n".join([rule, line(columns), rule, *[line(row) for row in cells], rule])
+
+
+def md_table(columns, cells):
+    aligns = ["---" if i < 2 else "---:" for i in range(len(columns))]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [list(columns), aligns, *cells])
+
+
+def machine(scratch):
+    """CPU model, cores, memory and the scratch directory's file system, in words."""
+    cpu, mem = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            mem = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")), None)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem and round(mem / (1 << 30), 1),
+            "scratch_fs": filesystem_type(scratch), "system": f"{platform.system()} {platform.release()}"}
+
+
+def results_markdown(header, rows):
+    """benchmarks/RESULTS.md: the run (command, date, machine, versions), the README's summary, every row."""
+    m = header.get("machine", {})
+    lines = ["# dcp_filesystem benchmark results", ""]
+    if header.get("quick"):
+        lines += ["**A --quick run** (small workloads, sync=True only, few repeats): a smoke run that shows the "
+                  "files' form, not the numbers to quote. `make bench` replaces it with a full run.", ""]
+    lines += [
+        f"- command: `{header['command']}` (from the repository root)",
+        f"- date: {header['date']}",
+        f"- machine: {m.get('cpu', '?')}, {m.get('cores', header['cpus'])} cores, "
+        f"{m.get('memory_gib', '?')} GiB memory, {m.get('system', '?')}; scratch directory on "
+        f"{m.get('scratch_fs') or '?'}",
+        f"- torch {header['torch']}, Python {header['python']}",
+        f"- repeats: {header['repeats']} per case (medians); loads {header.get('loads', '?')}",
+        "",
+        "## Summary",
+        "",
+        "The table in README.rst's Benchmark section and the chart `summary.png`, from the rows below "
+        "(tests/test_readme.py checks that they agree). \"x stock DCP\" and \"x safetensors\": how many times "
+        "faster than stock torch's FileSystemWriter/FileSystemReader (TORCH_SAVE) and than the safetensors "
+        "library (save_file/safe_open) at the same op.",
+        "",
+        summary_caption(header, rows),
+        "",
+        md_table(SUMMARY_COLUMNS, summary_cells(summary_rows(rows))),
+        "",
+        "![summary](summary.png)",
+        "",
+        "## All rows",
+        "",
+        full_table(header, rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def readme_summary(header, rows):
+    """What goes between the README's summary markers (the markers included)."""
+    return "\n".join([
+        SUMMARY_START, "",
+        textwrap.fill(summary_caption(header, rows) + " Every row, the command and the machine: "
+                      "`benchmarks/RESULTS.md <benchmarks/RESULTS.md>`_.", 79, break_long_words=False,
+                      break_on_hyphens=False), "",
+        rst_table(SUMMARY_COLUMNS, summary_cells(summary_rows(rows))), "",
+        ".. image:: benchmarks/summary.png",
+        "   :alt: median save and load times of the rows above", "",
+        SUMMARY_END,
+    ])
+
+
+def replace_summary(readme_text, summary):
+    """readme_text with everything from its start marker to its end marker replaced by summary."""
+    start, end = readme_text.find(SUMMARY_START + "\n"), readme_text.find(SUMMARY_END + "\n")
+    if start < 0 or end < start:
+        raise ValueError(f"README.rst has no '{SUMMARY_START}' ... '{SUMMARY_END}' lines to replace")
+    return readme_text[:start] + summary + readme_text[end + len(SUMMARY_END):]
+
+
+def write_chart(header, rows, path):
+    """The summary as a bar chart (PNG) at path, with the summary's caption and cells in its text
+    chunks; False, saying why on stderr, where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"chart not written ({e}; pip install matplotlib, or make bench): {path} left as it was",
+              file=sys.stderr)
+        return False
+    summary, cells = summary_rows(rows), summary_cells(summary_rows(rows))
+    ops = list(dict.fromkeys(s["op"] for s in summary))
+    variants = [shown for _, shown in SUMMARY_VARIANTS]
+    colors = dict(zip(variants, ("#1f77b4", "#2ca02c", "#7f7f7f", "#ff7f0e")))
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 2.9), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        mine = [s for s in summary if s["op"] == op]
+        names = [s["variant"] for s in mine]
+        ms = [(s["row"]["median_s"] or 0) * 1e3 if not s["row"]["error"] else 0 for s in mine]
+        ax.barh(range(len(mine)), ms, color=[colors.get(n, "#999999") for n in names])
+        ax.set_yticks(range(len(mine)))
+        ax.set_yticklabels(names if ax is axes[0][0] else [""] * len(mine), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(op, fontsize=10)
+        ax.set_xlabel("median ms (shorter is faster)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        for i, s in enumerate(mine):
+            ratio = s["vs_stock"] and s["variant"] != dict(SUMMARY_VARIANTS)[STOCK]
+            label = s["row"]["error"] or f"{ms[i]:.0f} ms" + (f", {s['vs_stock']:.1f}\u00d7 stock" if ratio else "")
+            ax.text(ms[i], i, " " + label, va="center", fontsize=7)
+        ax.set_xlim(0, max(ms + [1]) * 1.6)
+    caption = summary_caption(header, rows)
+    fig.suptitle("\n".join(textwrap.wrap(caption, 130)), fontsize=7.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, metadata={"Title": "dcp_filesystem benchmark summary", "Description": json.dumps(
+        {"caption": caption, "columns": SUMMARY_COLUMNS, "cells": cells})})
+    plt.close(fig)
+    return True
+
+
+def write_docs(header, rows, repo=REPO):
+    """RESULTS.md, the chart and README.rst's summary table, all from these rows."""
+    readme = os.path.join(repo, "README.rst")
+    with open(readme, encoding="utf-8") as f:  # first: without the markers nothing is written
+        text = replace_summary(f.read(), readme_summary(header, rows))
+    with open(os.path.join(repo, RESULTS_MD), "w", encoding="utf-8") as f:
+        f.write(results_markdown(header, rows))
+    write_chart(header, rows, os.path.join(repo, CHART_PNG))
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {RESULTS_MD}, {CHART_PNG} and README.rst's summary table", file=sys.stderr)
+
+
+def command_line():
+    """This run's command as typed from the repository root: the interpreter by its path relative to the
+    working directory where it is inside it (.venv/bin/python), else by its name."""
+    exe = os.path.relpath(sys.executable)
+    exe = exe if not exe.startswith("..") else os.path.basename(sys.executable)
+    return " ".join(shlex.quote(w) for w in [exe] + sys.argv)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, sync=True only (about a minute)")
     p.add_argument("--cold", action="store_true",
-                   help="drop the page cache before each load (needs root; runs warm, saying why, otherwise)")
+                   help="also time each load cold, after dropping the page cache (needs root and --dir on a disk; "
+                        "runs warm only, saying why, otherwise)")
     p.add_argument("--json", default=os.path.join("bench-results", "bench.json"), help="where to write the JSON")
     p.add_argument("--repeats", type=int, help="repeats per case (default 5, --quick 3)")
     p.add_argument("--dir", help="scratch directory for checkpoints (default: a new temp dir)")
     p.add_argument("--workload", action="append", choices=list(workloads(False)),
                    help="run only this workload (repeatable; default: all)")
+    docs = p.add_mutually_exclusive_group()
+    docs.add_argument("--docs", action="store_true", default=None,
+                      help=f"write {RESULTS_MD}, {CHART_PNG} and README.rst's summary table from this run "
+                           "(the default for a full run: all workloads, no --quick)")
+    docs.add_argument("--no-docs", dest="docs", action="store_false", help="write none of them")
     args = p.parse_args()
+    if args.docs is None:
+        args.docs = not args.quick and not args.workload
     repeats = args.repeats or (3 if args.quick else 5)
     syncs = [True] if args.quick else [True, False]
     peer_variants, skipped = peers()
@@ -590,7 +843,8 @@ def main():
             reason = cold_unavailable(root)
             if reason is None:
                 cold = True
-                loads = "cold: the page cache dropped (os.sync(), then 3 > /proc/sys/vm/drop_caches) before each"
+                loads = ("warm, from the page cache, and then cold (rows \"load cold\"): the page cache dropped "
+                         "(os.sync(), then 3 > /proc/sys/vm/drop_caches) before each")
             else:
                 skipped.append(f"--cold skipped: {reason}; loads run warm")
         for line in skipped:
@@ -602,7 +856,7 @@ def main():
         header = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "quick": args.quick,
+            "command": command_line(), "quick": args.quick, "machine": machine(root),
             "cold": cold, "loads": loads, "skipped": skipped, "dcp_calls": dcp_calls,
         }
         progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
@@ -620,6 +874,8 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
+    if args.docs:
+        write_docs(header, rows)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Every code block of README.rst, run as written (placeholders of the command synopsis filled in)."""
+"""Every code block of README.rst, run as written (placeholders of the command synopsis filled in); its first
+screen; and its benchmark summary, checked against benchmarks/RESULTS.md and the chart of the same run."""
+import json
 import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -40,11 +44,26 @@ def block(kind, first_words):
 def test_the_readme_has_exactly_the_blocks_these_tests_run():
     assert [(kind, text.split()[0]) for kind, text in readme_blocks()] == [
         ("python", "import"),  # the usage example
-        ("sh", "make"),  # the two commands
         ("literal", "from"),  # the vendored import
+        ("sh", "make"),  # the two commands
         ("sh", "python"),  # the command line
-        ("literal", "|"),  # the benchmark table: output, checked below against its JSON's form
     ]
+
+
+FIRST_SCREEN = 40
+
+
+def test_the_first_screen_says_what_it_is_how_to_install_and_run_it():
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    screen = "\n".join(text.splitlines()[:FIRST_SCREEN])
+    intro = screen.split("\n\n")[1]  # the paragraph under the title
+    assert len(re.findall(r"[.!?](?:\s|$)", intro)) <= 5, intro
+    for shown in (".. code-block:: python", "dcp.save(", "dcp.load(", "pip install .", "_vendor", "make demo",
+                  "make test"):
+        assert shown in screen, shown
+    example = block("python", "import")
+    assert len(example.splitlines()) <= 10 and "FileSystemWriter(" in example and "FileSystemReader(" in example
 
 
 def test_usage_example_runs_as_written(tmp_path):
@@ -120,12 +139,239 @@ def test_command_line_synopsis_runs(tmp_path):
     assert verified.stdout.startswith("OK: 2 entries")
 
 
-def test_benchmark_table_has_the_columns_bench_prints():
-    header = block("literal", "|").splitlines()[0]
+# ---------------------------------------------------------------- the benchmark summary
+@pytest.fixture(scope="module")
+def bench():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
         import bench
     finally:
         sys.path.pop(0)
-    printed = bench.markdown({"date": "-", "torch": "-", "python": "-", "cpus": 1, "repeats": 1, "command": "-"}, [])
-    assert header in printed.splitlines()
+    return bench
+
+
+def read(*path):
+    with open(os.path.join(REPO, *path), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_summary(bench):
+    """(caption, header cells, row cells) of the README's summary: the text between its markers."""
+    text = read("README.rst")
+    start, end = text.index(bench.SUMMARY_START + "\n"), text.index(bench.SUMMARY_END + "\n")
+    paragraphs = text[start:end].split("\n\n")
+    caption = paragraphs[1].replace("\n", " ")
+    (table,) = [p for p in paragraphs if p.startswith("=")]
+    rule, header, _, *rows, _ = table.splitlines()
+    spans = [m.span() for m in re.finditer(r"=+", rule)]
+
+    def cells(line):
+        return [line[a:b if i < len(spans) - 1 else None].strip() for i, (a, b) in enumerate(spans)]
+
+    return caption, cells(header), [cells(row) for row in rows]
+
+
+def md_rows(lines):
+    """The cells of a Markdown table's lines, its alignment line left out."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    return [r for r in rows if not all(set(c) <= set("-:") for c in r)]
+
+
+def results_md():
+    """(caption, header cells, row cells) of RESULTS.md's summary, and its full table as dicts by column."""
+    summary = read("benchmarks", "RESULTS.md").split("\n## Summary\n", 1)[1]
+    summary, full = summary.split("\n## All rows\n", 1)
+    paragraphs = summary.strip().split("\n\n")
+    (i,) = [i for i, p in enumerate(paragraphs) if p.startswith("|")]
+    header, *rows = md_rows(paragraphs[i].splitlines())
+    full_header, *full_rows = md_rows(full.splitlines())
+    return paragraphs[i - 1], header, rows, [dict(zip(full_header, r)) for r in full_rows]
+
+
+def png_text(path):
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG file, by keyword."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    out, pos = {}, 8
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body, pos = data[pos + 8:pos + 8 + length], pos + 12 + length
+        if kind == b"tEXt":
+            key, value = body.split(b"\0", 1)
+            out[key.decode("latin-1")] = value.decode("latin-1")
+        elif kind == b"zTXt":
+            key, value = body.split(b"\0", 1)
+            out[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+        elif kind == b"iTXt":
+            key, rest = body.split(b"\0", 1)
+            compressed, rest = rest[0], rest[2:]
+            rest = rest.split(b"\0", 2)[2]  # language tag, translated keyword
+            out[key.decode("latin-1")] = (zlib.decompress(rest) if compressed else rest).decode("utf-8")
+    return out
+
+
+def test_summary_table_is_the_one_in_results_md(bench):
+    caption, header, rows = readme_summary(bench)
+    md_caption, md_header, md_rows_, _ = results_md()
+    assert caption.startswith(md_caption + " ")
+    assert header == md_header == list(bench.SUMMARY_COLUMNS)
+    assert rows == md_rows_
+    assert 6 <= len(rows) <= 12
+
+
+def test_chart_comes_from_the_same_run(bench):
+    caption, header, rows = readme_summary(bench)
+    drawn = json.loads(png_text(os.path.join(REPO, bench.CHART_PNG))["Description"])
+    assert caption.startswith(drawn["caption"] + " ")
+    assert drawn["columns"] == header and drawn["cells"] == rows
+
+
+def results_rows(full):
+    """RESULTS.md's full table as the result rows bench.summary_rows takes (what it needs of them)."""
+    rows = []
+    for r in full:
+        op, _, cold = r["op"].partition(" ")
+        ms = r["median ms"]
+        rows.append({
+            "workload": r["workload"], "op": op, "cold": cold == "cold", "variant": r["variant"],
+            "sync": r["sync"] == "True", "threads": None if r["threads"] == "-" else int(r["threads"]),
+            "median_s": None if ms.startswith("fails") or ms == "-" else float(ms) / 1e3,
+            "error": ms if ms.startswith("fails") else None,
+            "gb_per_s": None if r["GB/s"] == "-" else float(r["GB/s"]),
+        })
+    return rows
+
+
+def test_summary_numbers_are_rows_of_the_full_table(bench):
+    """The summary is bench.summary_rows of RESULTS.md's full table: the same rows, their median ms and GB/s as
+    printed there, and speedups that the printed medians (each rounded to 0.1 ms) allow."""
+    _, _, rows = readme_summary(bench)
+    derived = bench.summary_cells(bench.summary_rows(results_rows(results_md()[3])))
+    assert [r[:4] for r in rows] == [r[:4] for r in derived]
+    by_op = {}
+    for row in rows:
+        by_op.setdefault(row[0], {})[row[1]] = float(row[2])
+    for op, variant, ms, _, vs_stock, vs_safetensors in rows:
+        for shown, base in ((vs_stock, "stock DCP TORCH_SAVE"), (vs_safetensors, "safetensors library")):
+            if base not in by_op[op]:
+                assert shown == "-"
+                continue
+            b, m = by_op[op][base], float(ms)
+            low, high = (b - 0.05) / (m + 0.05), (b + 0.05) / max(m - 0.05, 1e-9)
+            assert low - 0.005 <= float(shown) <= high + 0.005, (op, variant, shown, b, m)
+
+
+def fake_row(variant, op="load", ms=100.0, cold=False, sync=True, threads=1, workload="llm", error=None):
+    return {"workload": workload, "op": op, "cold": cold, "variant": variant, "sync": sync, "threads": threads,
+            "payload_bytes": 10**9, "median_s": None if error else ms / 1e3,
+            "gb_per_s": None if error else 1.0 / ms * 1e3, "error": error}
+
+
+def test_summary_rows_of_fake_results(bench):
+    ours_ts, ours_st, stock = "dcp_filesystem torch_save", "dcp_filesystem safetensors", "stock torch_save"
+    lib = "safetensors save_file/safe_open"
+    rows = []
+    for op, cold, scale in (("save", False, 4.0), ("load", False, 1.0), ("load", True, 2.0)):
+        rows += [
+            fake_row(ours_ts, op, 200 * scale, cold), fake_row(ours_st, op, 100 * scale, cold),
+            fake_row(stock, op, 800 * scale, cold), fake_row(lib, op, 400 * scale, cold, threads=None),
+            fake_row("stock safetensors", op, 1 * scale, cold),  # not a summary variant
+            fake_row("torch.save/torch.load", op, 1 * scale, cold, threads=None),
+            fake_row(ours_ts, op, 1 * scale, cold, threads=2),  # not thread_count=1
+            fake_row(ours_st, op, 1 * scale, cold, sync=False),  # not sync_files=True
+            fake_row(ours_ts, op, 1 * scale, cold, workload="one-big"),  # not llm
+        ]
+    rows.append(fake_row("stock safetensors", "load", error="fails: CheckpointException"))
+    summary = bench.summary_rows(rows)
+    assert [(s["op"], s["variant"], s["row"]["median_s"] * 1e3, s["vs_stock"], s["vs_safetensors"])
+            for s in summary] == [
+        ("save", "dcp_filesystem TORCH_SAVE", 800.0, 4.0, 2.0),
+        ("save", "dcp_filesystem SAFETENSORS", 400.0, 8.0, 4.0),
+        ("save", "stock DCP TORCH_SAVE", 3200.0, 1.0, 0.5),
+        ("save", "safetensors library", 1600.0, 2.0, 1.0),
+        ("load warm", "dcp_filesystem TORCH_SAVE", 200.0, 4.0, 2.0),
+        ("load warm", "dcp_filesystem SAFETENSORS", 100.0, 8.0, 4.0),
+        ("load warm", "stock DCP TORCH_SAVE", 800.0, 1.0, 0.5),
+        ("load warm", "safetensors library", 400.0, 2.0, 1.0),
+        ("load cold", "dcp_filesystem TORCH_SAVE", 400.0, 4.0, 2.0),
+        ("load cold", "dcp_filesystem SAFETENSORS", 200.0, 8.0, 4.0),
+        ("load cold", "stock DCP TORCH_SAVE", 1600.0, 1.0, 0.5),
+        ("load cold", "safetensors library", 800.0, 2.0, 1.0),
+    ]
+    assert bench.summary_cells(summary)[4] == ["load warm", "dcp_filesystem TORCH_SAVE", "200.0", "5", "4.00",
+                                               "2.00"]
+
+    # a warm-only run without the safetensors library, a stock load that failed: 6 rows, "-" where no ratio
+    warm = [r for r in rows if not r["cold"] and r["variant"] != lib and r["variant"] != stock]
+    warm.append(fake_row(stock, "save", 800.0))
+    warm.append(fake_row(stock, "load", error="fails: CheckpointException"))
+    cells = bench.summary_cells(bench.summary_rows(warm))
+    assert [c[:3] + c[4:] for c in cells] == [
+        ["save", "dcp_filesystem TORCH_SAVE", "800.0", "1.00", "-"],
+        ["save", "dcp_filesystem SAFETENSORS", "400.0", "2.00", "-"],
+        ["save", "stock DCP TORCH_SAVE", "800.0", "1.00", "-"],
+        ["load warm", "dcp_filesystem TORCH_SAVE", "200.0", "-", "-"],
+        ["load warm", "dcp_filesystem SAFETENSORS", "100.0", "-", "-"],
+        ["load warm", "stock DCP TORCH_SAVE", "fails: CheckpointException", "-", "-"],
+    ]
+
+
+def fake_header(**kw):
+    header = {"date": "2030-01-02T03:04:05", "torch": "9.9", "python": "3.9.0", "cpus": 2, "repeats": 3,
+              "command": "python benchmarks/bench.py", "quick": False, "loads": "warm", "skipped": [],
+              "machine": {"cpu": "Fake CPU", "cores": 2, "memory_gib": 1.0, "scratch_fs": "ext4", "system": "X"}}
+    header.update(kw)
+    return header
+
+
+def test_write_docs_replaces_only_the_summary(bench, tmp_path, capsys):
+    readme = read("README.rst")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "README.rst").write_text(readme, encoding="utf-8")
+    rows = [fake_row(v, op, ms) for op in ("save", "load") for v, ms in (
+        ("dcp_filesystem torch_save", 50.0), ("stock torch_save", 100.0))]
+    for r in rows:
+        r.update(storage_s=None, outside_storage_s=None, vs_stock=None, vs_raw=None, ceiling_vs_stock=None,
+                 peak_rss_mib=0)
+    bench.write_docs(fake_header(quick=True), rows, repo=str(tmp_path))
+    written = (tmp_path / "README.rst").read_text(encoding="utf-8")
+    start, end = bench.SUMMARY_START + "\n", bench.SUMMARY_END + "\n"
+    assert written.split(start)[0] == readme.split(start)[0]
+    assert written.split(end)[1] == readme.split(end)[1]
+    summary = written.split(start)[1].split(end)[0]
+    assert "run of 2030-01-02T03:04:05 (--quick: small sizes, a smoke run), torch 9.9, Fake CPU" in " ".join(
+        summary.split())
+    assert re.search(r"\nsave +dcp_filesystem TORCH_SAVE +50\.0 +20 +2\.00 +-\n", summary), summary
+    results = (tmp_path / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    assert results.startswith("# dcp_filesystem benchmark results\n\n**A --quick run**")
+    assert "- command: `python benchmarks/bench.py` (from the repository root)\n- date: 2030-01-02T03:04:05\n" \
+           "- machine: Fake CPU, 2 cores, 1.0 GiB memory, X; scratch directory on ext4\n" \
+           "- torch 9.9, Python 3.9.0\n" in results
+    charted = "left as it was" not in capsys.readouterr().err  # matplotlib installed
+    assert ("summary.png" in os.listdir(str(tmp_path / "benchmarks"))) == charted
+
+    (tmp_path / "README.rst").write_text("no markers\n", encoding="utf-8")
+    os.remove(str(tmp_path / "benchmarks" / "RESULTS.md"))
+    with pytest.raises(ValueError, match="bench-summary-start"):
+        bench.write_docs(fake_header(), rows, repo=str(tmp_path))
+    assert not (tmp_path / "benchmarks" / "RESULTS.md").exists()
+
+
+def test_cold_runs_time_each_load_warm_and_cold(bench, tmp_path, monkeypatch):
+    drops = []
+    monkeypatch.setattr(bench, "drop_page_cache", lambda: drops.append(1))
+    ours = bench.DcpVariant("dcp_filesystem torch_save", bench.dcp_filesystem.FileSystemWriter,
+                            bench.dcp_filesystem.FileSystemReader)
+    cases = [(ours, True, 1), (bench.RawVariant(), True, 1)]
+    rows = []
+    bench.run_workload("w", {"a": torch.arange(8.0), "n": 3}, cases, 2, str(tmp_path), rows, lambda line: None,
+                       cold=True)
+    assert [(r["op"], r["cold"], r["variant"], len(r["seconds"])) for r in rows] == [
+        ("save", False, "dcp_filesystem torch_save", 2), ("save", False, "raw", 2),
+        ("load", False, "dcp_filesystem torch_save", 2), ("load", False, "raw", 2),
+        ("load", True, "dcp_filesystem torch_save", 2), ("load", True, "raw", 2),
+    ]
+    assert len(drops) == 4  # before each cold load only
+    bench.add_ratios(rows)
+    assert rows[4]["vs_stock"] is None and rows[4]["vs_raw"] == rows[4]["gb_per_s"] / rows[5]["gb_per_s"]
