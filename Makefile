@@ -6,15 +6,18 @@
 # make test-matrix-all  the same on all fifteen minors 2.1-2.15 (venvs outside the CI spread, 5-7 GB each,
 #                  deleted after their run)
 # make lint        ruff, Python 3.9 target
-# make bench       the benchmark against stock torch and raw file I/O, warm and (as root) cold loads; writes
-#                  benchmarks/RESULTS.md, benchmarks/summary.png and README.rst's summary table from its rows
-#                  (installs matplotlib, the [bench] extra, into the venv for the chart)
+# make bench       the benchmark against stock torch, the safetensors library, torch.save and raw file I/O,
+#                  warm and (as root) cold loads; writes benchmarks/RESULTS.md, benchmarks/summary.png and
+#                  README.rst's summary table from its rows (installs matplotlib, the [bench] extra, into the
+#                  venv for the chart); then saves and loads through a local S3 server (benchmarks/s3_bench.py),
+#                  whose rows it adds to RESULTS.md
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
 BENCH_ARGS ?= --cold
+S3_BENCH_ARGS ?= --results benchmarks/RESULTS.md
 TEST_DEPS := pytest safetensors zstandard zlib-ng hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
 
 .PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench
@@ -48,3 +51,4 @@ lint: $(VENV)/.ready
 bench: $(VENV)/.ready
 	$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/s3_bench.py $(S3_BENCH_ARGS)

@@ -23,6 +23,7 @@ class Request(NamedTuple):
     path: str  # /bucket/key
     range: Optional[str]  # the Range header of a GET, as sent
     bytes_out: int  # body bytes the server sent
+    bytes_in: int  # body bytes it received (the request's Content-Length)
 
 
 class _Counting:
@@ -76,7 +77,8 @@ class _Counting:
             sent += len(chunk)
             yield chunk
         with self.lock:
-            self.requests.append(Request(environ["REQUEST_METHOD"], path, environ.get("HTTP_RANGE"), sent))
+            received = int(environ.get("CONTENT_LENGTH") or 0)
+            self.requests.append(Request(environ["REQUEST_METHOD"], path, environ.get("HTTP_RANGE"), sent, received))
 
     def _with_etag_header(self, environ: Dict[str, Any], start_response: Any) -> List[bytes]:
         """CompleteMultipartUpload's answer with its ETag as a header too: moto 5 sends it only in the
