@@ -433,7 +433,9 @@ def test_bench_ctrl_c_removes_the_temporary_files(tmp_path):
     scratch = tmp_path / "scratch"
     argv = [sys.executable, "-m", "dcp_filesystem", "bench", "--dir", str(scratch), "--size", "16MB",
             "--repeats", "1000"]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as at a terminal, even where this run was started in the background (which ignores it).
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(scratch.glob("dcp-bench-*/ckpt")) and time.monotonic() < deadline and proc.poll() is None:

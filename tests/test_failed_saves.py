@@ -329,9 +329,18 @@ class _InterruptingPlanner(DefaultSavePlanner):
         return super().resolve_data(write_item)
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as at a terminal, also where this run was started in the
+    background (which ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
-def test_ctrl_c_during_a_save_removes_its_files(tmp_path, fmt):
+def test_ctrl_c_during_a_save_removes_its_files(tmp_path, fmt, sigint_raises):
     path = tmp_path / "c"
     dcp_save(state_of(1), writer(path, fmt))
     old_files = files_of(path)

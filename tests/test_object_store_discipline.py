@@ -204,4 +204,5 @@ def test_a_truncated_object_says_which_item_is_short(fmt):
     error = raised_error(info.value)
     assert type(error) is ValueError
     last = "b" if fmt == SerializationFormat.TORCH_SAVE else "a"  # SAFETENSORS orders items by size
-    assert re.fullmatch(rf"{data_key}: item '{last}' \(chunk at \[0\]\): read \d+ of \d+ bytes at offset \d+", str(error))
+    expected = rf"{data_key}: item '{last}' \(chunk at \[0\]\): read \d+ of \d+ bytes at offset \d+"
+    assert re.fullmatch(expected, str(error))
