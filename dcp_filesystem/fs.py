@@ -116,6 +116,7 @@ class FileSystemAttribute:
     def __set__(self, obj: Any, fs: Any) -> None:
         obj.__dict__[self.slot] = fs if isinstance(fs, FileSystemBase) else _Adopted(fs)
 
+
 class FileSystem(FileSystemBase):
     """The local file system."""
 

@@ -66,7 +66,8 @@ class _DataFile:
         if self.fd is not None:
             self.size = os.fstat(self.fd).st_size
         elif local:
-            self.size = stream.seek(0, os.SEEK_END)
+            stream.seek(0, os.SEEK_END)
+            self.size = stream.tell()
         self.files_at_once = files_at_once
         self._headers: Dict[int, Optional[_safetensors.Header]] = {}
         self._ahead_start = 0
