@@ -34,6 +34,7 @@ from ._format import (
     metadata_file_name,
     storage_info_for_disk,
 )
+from ._gc import gc_paused
 from ._parallel import run_in_threads, worker_count
 from ._safetensors import dtype_name, file_layout
 from ._torch_save import save_tensor
@@ -297,6 +298,7 @@ class _FileSystemWriter(StorageWriter):
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(f"cannot write checkpoint {self.path}: directory {existing} is not writable")
 
+    @gc_paused()
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._check_items(plan)
         self._check_path()
@@ -314,6 +316,7 @@ class _FileSystemWriter(StorageWriter):
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
         return plan
 
+    @gc_paused()
     def prepare_global_plan(self, plans: List[SavePlan]) -> List[SavePlan]:
         return [
             dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_")) if plan.storage_data is None else plan
@@ -330,6 +333,7 @@ class _FileSystemWriter(StorageWriter):
             path = self.fs.concat_path(self.path, file_name)
         return file_name, path
 
+    @gc_paused()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[List[WriteResult]]:
         prefix = plan.storage_data.prefix
         # An earlier save by this writer is over; leftovers of killed saves go before they cost room.
@@ -418,6 +422,7 @@ class _FileSystemWriter(StorageWriter):
         logger.warning("save to %s failed (%s: %s); removed the %d file(s) it had written",
                        self.path, type(error).__name__, error, removed)
 
+    @gc_paused()
     def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         if "version" in _compat.METADATA_FIELDS:
             metadata.version = CURRENT_DCP_VERSION
