@@ -86,7 +86,10 @@ def _write_item(
     offset = stream.tell()
     if isinstance(stream, ChecksummingWriter):
         stream.start_item()
-    transform_to, descriptors = transforms.transform_save_stream(write_item, stream)
+    if transforms.extensions:
+        transform_to, descriptors = transforms.transform_save_stream(write_item, stream)
+    else:  # the bytes go straight to the file's stream: no wrapper, no flush per item
+        transform_to, descriptors = stream, []
     if write_item.type == WriteItemType.BYTE_IO:
         if not isinstance(data, io.BytesIO):
             raise AssertionError("Data must be io.BytesIO for BYTE_IO write items")
@@ -99,7 +102,8 @@ def _write_item(
         else:
             contiguous = data.contiguous()
             transform_to.write(tensor_bytes(contiguous))
-    transform_to.close()
+    if transform_to is not stream:
+        transform_to.close()
     length = stream.tell() - offset
     # Left out when empty, as upstream does, so older readers see the fields they know.
     info = _StorageInfo(storage_key, offset, length, transform_descriptors=descriptors or None)
@@ -193,9 +197,11 @@ def _write_files_from_queue(
         with create_stream(file_name, "wb") as stream:
             if use_fsync:
                 stream = with_early_writeback(stream)
+            checksumming = ChecksummingWriter(stream)
             results = _write_one_file(
-                ChecksummingWriter(stream), storage_key, write_items, planner, transforms, loader, serialization_format
+                checksumming, storage_key, write_items, planner, transforms, loader, serialization_format
             )
+            checksumming.flush()  # its gathered small writes
             if use_fsync:
                 fsync_stream(stream)
         result_queue.put(results)
