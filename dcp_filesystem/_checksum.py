@@ -32,6 +32,8 @@ from ._parallel import write_with_crc as _write_beside_crc
 _FIELD = "crc32"
 # Writes this large get their CRC-32 computed on a second thread while they are written.
 _OVERLAP_BYTES = 1 << 20
+# Smaller writes are gathered into one write of about this many bytes.
+_BATCH_BYTES = 1 << 20
 _TRAILER_MAGIC = b"DCPCRC32"
 _TRAILER = struct.Struct("<8sI")
 
@@ -56,30 +58,55 @@ def check(name: str, item: str, info: Any, crc: int) -> None:
 
 
 class ChecksummingWriter:
-    """A write stream that keeps the CRC-32 of what was written since ``start_item``."""
+    """A write stream that keeps the CRC-32 of what was written since ``start_item``.
+
+    Small writes are gathered and reach ``stream`` together, up to ``_BATCH_BYTES`` in one call (an
+    item's bytes are often smaller than a file system's write is worth); ``flush`` writes them out, and
+    must be called before ``stream`` is synced or closed. ``tell`` is kept here, not asked of the stream.
+    """
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.crc = 0
+        self._position = stream.tell()
+        self._pending = bytearray()
 
     def start_item(self) -> None:
         self.crc = 0
 
+    def tell(self) -> int:
+        return self._position
+
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if len(view) < _OVERLAP_BYTES:
-            self.stream.write(view)
+        size = len(view)
+        if size < _OVERLAP_BYTES:
+            self._pending += view
             self.crc = crc32(view, self.crc)
+            self._position += size
+            if len(self._pending) >= _BATCH_BYTES:
+                self._write_pending()
         else:
             self.write_with_crc(view)
-        return len(view)
+        return size
 
     def write_with_crc(self, data: Any) -> int:
         """Write ``data``; the CRC-32 of ``data`` alone."""
         view = memoryview(data).cast("B")
+        self._write_pending()
         crc = write_with_crc(self.stream, view)
+        self._position += len(view)
         self.crc = crc32_combine(self.crc, crc, len(view))
         return crc
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self.stream.write(pending)
+
+    def flush(self) -> None:
+        self._write_pending()
+        self.stream.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)

@@ -4,7 +4,9 @@ The archive is an uncompressed zip holding ``data.pkl`` (a pickle that calls
 ``torch._utils._rebuild_tensor_v2`` on a storage reference) and the storage
 bytes. ``save_tensor`` writes the same bytes as the running torch's torch.save
 (but for the random serialization id) in three writes, computing the storage's
-CRC-32 while its bytes are written. ``load_tensor`` checks every member against
+CRC-32 while its bytes are written; a small archive is the one built for the
+first archive of its data.pkl and storage size, storage and serialization id
+filled in, in one write. ``load_tensor`` checks every member against
 its CRC-32 (torch.load does not), unpickles with an allow-list of exactly those
 globals and views the storage bytes in place; an archive it does not recognise
 is passed to ``torch.load(weights_only=True)``. An archive of a layout seen
@@ -392,19 +394,78 @@ class _Archive:
         self.stream.write(memoryview(self.pending))
 
 
-def _write_archive(tensor: torch.Tensor, stream: IO[bytes], layout: _Layout, serialization_id: bytes) -> None:
-    pickled = io.BytesIO()
-    _Pickler(pickled, protocol=2).dump(tensor)
-    archive = _Archive(stream, layout)
-    archive.add("data.pkl", pickled.getbuffer())
+def _add_records(archive: _Archive, layout: _Layout, pickled: memoryview, storage: memoryview, sid: bytes) -> None:
+    archive.add("data.pkl", pickled)
     for name, data in layout.before_storage:
         archive.add(name, memoryview(data))
-    archive.add(_STORAGE_RECORD, storage_bytes(tensor.untyped_storage()))
+    archive.add(_STORAGE_RECORD, storage)
     for name, data in layout.after_storage:
         archive.add(name, memoryview(data))
     if layout.serialization_id:
-        archive.add(_SERIALIZATION_ID, memoryview(serialization_id))
+        archive.add(_SERIALIZATION_ID, memoryview(sid))
+
+
+class _WriteTemplate(NamedTuple):
+    """A small archive's bytes with its storage and serialization id left as holes: each hole's
+    [begin, end) and the places of its CRC-32 (its data descriptor's and its central directory entry's)."""
+
+    data: bytes
+    holes: Tuple[Tuple[int, int, Tuple[int, int]], ...]
+
+
+_WRITE_TEMPLATES = 1024
+_write_templates: Dict[Tuple[_Layout, bytes, int, int], _WriteTemplate] = {}
+
+
+def _write_template(layout: _Layout, pickled: bytes, nbytes: int, sid_len: int) -> _WriteTemplate:
+    """The archive ``_add_records`` writes for this data.pkl and storage size, holes marked (built once
+    by the same code, with zeros in the holes)."""
+    key = (layout, pickled, nbytes, sid_len)
+    found = _write_templates.get(key)
+    if found is not None:
+        return found
+    out = io.BytesIO()
+    archive = _Archive(out, layout)
+    _add_records(archive, layout, memoryview(pickled), memoryview(bytes(nbytes)), bytes(sid_len))
+    directory_offset = archive.offset
     archive.close()
+    ends = [offset - _DATA_DESCRIPTOR.size for _, _, _, offset in archive.directory[1:]]
+    ends.append(directory_offset - _DATA_DESCRIPTOR.size)
+    entry = directory_offset
+    holes = []
+    for (encoded, _, size, _), end in zip(archive.directory, ends):
+        if encoded in (_HOLE_NAMES[0], _HOLE_NAMES[1]):
+            holes.append((end - size, end, (end + 4, entry + 16)))  # the CRC fields of both structs
+        entry += _CENTRAL_DIR_ENTRY.size + len(encoded)
+    template = _WriteTemplate(out.getvalue(), tuple(holes))
+    if len(_write_templates) >= _WRITE_TEMPLATES:
+        _write_templates.clear()
+    _write_templates[key] = template
+    return template
+
+
+_HOLE_NAMES = ((_ARCHIVE + _STORAGE_RECORD).encode(), (_ARCHIVE + _SERIALIZATION_ID).encode())
+
+
+def _write_archive(tensor: torch.Tensor, stream: IO[bytes], layout: _Layout, serialization_id: bytes) -> None:
+    pickled = io.BytesIO()
+    _Pickler(pickled, protocol=2).dump(tensor)
+    storage = storage_bytes(tensor.untyped_storage())
+    if len(storage) >= _LARGE_RECORD_BYTES:
+        archive = _Archive(stream, layout)
+        _add_records(archive, layout, pickled.getbuffer(), storage, serialization_id)
+        archive.close()
+        return
+    # A small archive: the one built before for this data.pkl and size, its holes filled, in one write.
+    template = _write_template(layout, pickled.getvalue(), len(storage), len(serialization_id))
+    data = bytearray(template.data)
+    for (begin, end, crc_places), filling in zip(template.holes, (storage, serialization_id)):
+        data[begin:end] = filling
+        if layout.crc:
+            crc = crc32(filling)
+            for place in crc_places:
+                _CRC.pack_into(data, place, crc)
+    stream.write(data)
 
 
 def _probe_layout() -> Optional[_Layout]:

@@ -34,6 +34,7 @@ from ._format import (
     metadata_file_name,
     storage_info_for_disk,
 )
+from ._gc import gc_paused
 from ._parallel import run_in_threads, worker_count
 from ._safetensors import dtype_name, file_layout, mark_ours
 from ._torch_save import save_tensor
@@ -85,7 +86,10 @@ def _write_item(
     offset = stream.tell()
     if isinstance(stream, ChecksummingWriter):
         stream.start_item()
-    transform_to, descriptors = transforms.transform_save_stream(write_item, stream)
+    if transforms.extensions:
+        transform_to, descriptors = transforms.transform_save_stream(write_item, stream)
+    else:  # the bytes go straight to the file's stream: no wrapper, no flush per item
+        transform_to, descriptors = stream, []
     if write_item.type == WriteItemType.BYTE_IO:
         if not isinstance(data, io.BytesIO):
             raise AssertionError("Data must be io.BytesIO for BYTE_IO write items")
@@ -98,7 +102,8 @@ def _write_item(
         else:
             contiguous = data.contiguous()
             transform_to.write(tensor_bytes(contiguous))
-    transform_to.close()
+    if transform_to is not stream:
+        transform_to.close()
     length = stream.tell() - offset
     # Left out when empty, as upstream does, so older readers see the fields they know.
     info = _StorageInfo(storage_key, offset, length, transform_descriptors=descriptors or None)
@@ -194,9 +199,11 @@ def _write_files_from_queue(
         with create_stream(file_name, "wb") as stream:
             if use_fsync:
                 stream = with_early_writeback(stream)
+            checksumming = ChecksummingWriter(stream)
             results = _write_one_file(
-                ChecksummingWriter(stream), storage_key, write_items, planner, transforms, loader, serialization_format
+                checksumming, storage_key, write_items, planner, transforms, loader, serialization_format
             )
+            checksumming.flush()  # its gathered small writes
             if use_fsync:
                 fsync_stream(stream)
         result_queue.put(results)
@@ -301,6 +308,7 @@ class _FileSystemWriter(StorageWriter):
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(f"cannot write checkpoint {self.path}: directory {existing} is not writable")
 
+    @gc_paused()
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._check_items(plan)
         self._check_path()
@@ -318,6 +326,7 @@ class _FileSystemWriter(StorageWriter):
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
         return plan
 
+    @gc_paused()
     def prepare_global_plan(self, plans: List[SavePlan]) -> List[SavePlan]:
         return [
             dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_")) if plan.storage_data is None else plan
@@ -334,6 +343,7 @@ class _FileSystemWriter(StorageWriter):
             path = self.fs.concat_path(self.path, file_name)
         return file_name, path
 
+    @gc_paused()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[List[WriteResult]]:
         prefix = plan.storage_data.prefix
         # An earlier save by this writer is over; leftovers of killed saves go before they cost room.
@@ -422,6 +432,7 @@ class _FileSystemWriter(StorageWriter):
         logger.warning("save to %s failed (%s: %s); removed the %d file(s) it had written",
                        self.path, type(error).__name__, error, removed)
 
+    @gc_paused()
     def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         if "version" in _compat.METADATA_FIELDS:
             metadata.version = CURRENT_DCP_VERSION

@@ -242,7 +242,8 @@ def test_every_fault_of_an_overwrite_keeps_the_old_checkpoint_and_leaves_nothing
     # Two data files and the metadata: opened, written, fsynced; the directory fsynced; one rename;
     # the two earlier data files removed after the commit.
     assert counts["open"] == 4 and counts["fsync"] == 4 and counts["rename"] == 1 and counts["rm_file"] == 2
-    assert counts["write"] >= 6, counts  # at least one per item (4 tensors, 1 value) and the metadata
+    # Small items reach the file system together: at least one write per data file and the metadata.
+    assert counts["write"] >= 3, counts
 
     outcomes = {}
     for kind in KINDS:
@@ -270,7 +271,7 @@ def test_a_failing_removal_is_logged_and_never_masks_the_error(tmp_path, monkeyp
     path = tmp_path / "c"
     dcp_save(state_of(1), writer(path, fmt))
     old_files = files_of(path)
-    fs = FaultFS("write", 5, fail_every_rm=True)
+    fs = FaultFS("write", 1, fail_every_rm=True)  # a data file's (the metadata is written last)
     error = save_with(fs, path, fmt, state_of(2), monkeypatch)
     assert f"[Errno 5] injected write fault: '{fs.failed[1]}'" in str(error)
     left = sorted(set(os.listdir(path)) - set(old_files))

@@ -1,4 +1,5 @@
-"""Loads run with the cyclic garbage collector paused, and leave it as they found it."""
+"""Saves and loads run the storage layer's calls with the cyclic garbage collector paused, and leave it
+as they found it."""
 import gc
 import threading
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from helpers import dcp_load, dcp_save
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, reader
+from dcp_filesystem import FileSystemReader, FileSystemWriter, reader, writer
 from dcp_filesystem._gc import gc_paused
 
 
@@ -30,6 +31,48 @@ def gc_during_reads(monkeypatch):
 
     monkeypatch.setattr(reader.FileSystemReader, "_read_item", spy)
     return seen
+
+
+@pytest.fixture
+def gc_during_writes(monkeypatch):
+    """Whether collection was enabled in each item write and in finish (when it builds the metadata)."""
+    seen = []
+    real_write, real_trailer = writer._write_item, writer.with_trailer
+
+    def spy_write(*args, **kwargs):
+        seen.append(("write", gc.isenabled()))
+        return real_write(*args, **kwargs)
+
+    def spy_trailer(*args, **kwargs):
+        seen.append(("finish", gc.isenabled()))
+        return real_trailer(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "_write_item", spy_write)
+    monkeypatch.setattr(writer, "with_trailer", spy_trailer)
+    return seen
+
+
+def test_save_pauses_collection_and_restores_it(tmp_path, gc_enabled, gc_during_writes):
+    dcp_save({"a": torch.arange(4), "b": torch.ones(3), "step": 3}, FileSystemWriter(tmp_path))
+    assert sorted(gc_during_writes) == [("finish", False)] + [("write", False)] * 3
+    assert gc.isenabled()
+
+
+def test_save_leaves_collection_disabled_by_the_caller_disabled(tmp_path, gc_enabled):
+    gc.disable()
+    dcp_save({"a": torch.arange(4)}, FileSystemWriter(tmp_path))
+    assert not gc.isenabled()
+
+
+def test_failed_save_restores_collection(tmp_path, gc_enabled, monkeypatch):
+    def fail(*args, **kwargs):
+        assert not gc.isenabled()
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(writer, "_write_item", fail)
+    with pytest.raises(BaseException, match="disk on fire"):
+        dcp_save({"a": torch.arange(4)}, FileSystemWriter(tmp_path))
+    assert gc.isenabled()
 
 
 def test_load_pauses_collection_and_restores_it(tmp_path, gc_enabled, gc_during_reads):

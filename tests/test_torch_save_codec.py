@@ -143,3 +143,23 @@ def test_without_crc_the_fields_are_zero_and_it_still_loads(monkeypatch):
         assert {info.CRC for info in archive.infolist()} == {0}
     assert torch.equal(_torch_save.load_tensor(bytearray(buffer.getvalue())), tensor)
     assert torch.equal(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), tensor)
+
+
+def test_small_archives_of_one_shape_are_filled_in_from_the_first_and_stay_identical():
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(256, generator=gen) for _ in range(4)] + [torch.randn(256, generator=gen).to(torch.float16)]
+    for tensor in tensors + tensors[:2]:  # each archive's own storage, CRC-32s and serialization id
+        reference = _torch_save_bytes(tensor)
+        assert _ours_with_id_of(tensor, reference) == reference
+        assert torch.equal(_torch_save.load_tensor(bytearray(reference)), tensor)
+
+
+def test_small_archives_without_crc_have_zero_fields(monkeypatch):
+    layout = _torch_save._torch_save_layout()._replace(crc=False)
+    monkeypatch.setattr(_torch_save, "_layout", [layout])
+    for value in (1.0, 2.0):
+        buffer = io.BytesIO()
+        _torch_save.save_tensor(torch.full((8,), value), buffer)
+        with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:
+            assert {info.CRC for info in archive.infolist()} == {0}
+        assert torch.equal(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), torch.full((8,), value))
