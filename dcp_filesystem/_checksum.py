@@ -102,7 +102,7 @@ class ChecksummingWriter:
     def _write_pending(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, bytearray()
-            self.stream.write(pending)
+            self.stream.write(memoryview(pending))  # an object store's stream takes bytes or memoryview
 
     def flush(self) -> None:
         self._write_pending()
