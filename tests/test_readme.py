@@ -68,13 +68,17 @@ def test_the_first_screen_says_what_it_is_how_to_install_and_run_it():
     assert len(example.splitlines()) <= 10 and "FileSystemWriter(" in example and "FileSystemReader(" in example
 
 
-def test_usage_example_runs_as_written(tmp_path):
+def skip_unless_dcp_save_runs_single_process(what):
     if save_needs_process_group():
-        pytest.skip("the example calls dcp.save outside a process group: torch 2.1 has no dcp.save and torch 2.2's "
+        pytest.skip(f"{what} calls dcp.save outside a process group: torch 2.1 has no dcp.save and torch 2.2's "
                     "needs a process group (README's per-version notes say so)")
     if not load_writes_back_values():
-        pytest.skip("the example reads 'step' back: this torch's dcp.load leaves non-tensor values out of the "
+        pytest.skip(f"{what} reads 'step' back: this torch's dcp.load leaves non-tensor values out of the "
                     "caller's dict (pytorch#125528; README's per-version notes say so)")
+
+
+def test_usage_example_runs_as_written(tmp_path):
+    skip_unless_dcp_save_runs_single_process("the example")
     code = f"import sys\nsys.path.insert(0, {REPO!r})\n" + block("python", "import")
     run_clean_python(code, cwd=str(tmp_path))
 
@@ -158,18 +162,9 @@ def s3_env():
         server.stop()
 
 
-def _skip_unless_dcp_save_runs_single_process():
-    if save_needs_process_group():
-        pytest.skip("the recipe calls dcp.save outside a process group: torch 2.1 has no dcp.save and torch 2.2's "
-                    "needs a process group (README's per-version notes say so)")
-    if not load_writes_back_values():
-        pytest.skip("the recipe reads 'step' back: this torch's dcp.load leaves non-tensor values out of the "
-                    "caller's dict (pytorch#125528; README's per-version notes say so)")
-
-
 @pytest.mark.parametrize("recipe", ["s3torchconnector", "fsspec"])
 def test_object_storage_recipes_run_as_written(tmp_path, s3_env, recipe):
-    _skip_unless_dcp_save_runs_single_process()
+    skip_unless_dcp_save_runs_single_process(f"the {recipe} recipe")
     if recipe == "s3torchconnector":
         pytest.importorskip("s3torchconnector.dcp", reason="needs s3torchconnector[dcp] (test-s3 extra, torch 2.3+)")
         text = block("python", "# s3torchconnector")
