@@ -279,8 +279,8 @@ def test_fsspec_on_ours_round_trips_and_reads_stock(s3_server, bucket, fmt):
     sd = state(5)
     ours_path, stock_path = f"s3://{bucket}/ours", f"s3://{bucket}/stock"
     dcp_save(sd, Writer(ours_path, **_format_kwargs(fmt)))
-    # TORCH_SAVE: the only format stock's reader loads. Without sync_files: stock torch before 2.8 fsyncs
-    # every stream's fileno(), which s3fs's files lack (io.UnsupportedOperation: fileno, seen on 2.6).
+    # TORCH_SAVE: the only format stock's reader loads. Without sync_files: stock torch 2.6 fsyncs
+    # every stream's fileno(), which s3fs's files lack (io.UnsupportedOperation: fileno); 2.8+ does not.
     dcp_save(sd, fsspec_fs.FsspecWriter(stock_path, sync_files=False))
     ours = load_counting(s3_server, Reader(ours_path), sd)
     stock = load_counting(s3_server, fsspec_fs.FsspecReader(stock_path), sd)
