@@ -7,6 +7,7 @@ requests each load makes, and ours make no more than stock torch's and fetch no 
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import uuid
@@ -299,38 +300,59 @@ def test_fsspec_on_ours_round_trips_and_reads_stock(s3_server, bucket, fmt):
 # ------------------------------------------------------------------ killed saves on S3
 
 
-def _killed_at(s3_server, n, save):
-    """Fork a child that runs ``save()``; the server kills it on receiving the save's n-th request.
-    True where it was killed, False where the save finished first."""
+def _save_when_told(go, env, path, fmt, generation):
+    """A saving child: saves ``state(generation)`` once the parent has armed the server."""
+    os.environ.update(env)
+    Writer, _ = connector_classes()
+    go.recv()
+    dcp_save(state(generation, with_values=False), Writer(REGION, path, **_format_kwargs(fmt)))
+
+
+_SAVER_SECONDS = 120  # far more than one small save takes: a child still running then is stuck
+
+
+def _killed_at(s3_server, saver, n, path, fmt):
+    """Run one save in a child of ``saver`` (a forkserver context); the server kills the child on
+    receiving the save's n-th request. True where it was killed, False where the save finished first."""
     s3_server.requests()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            save()
-            code = 0
-        finally:
-            os._exit(code)
-    s3_server.kill_at(pid, n)
-    _, status = os.waitpid(pid, 0)
+    go, child_end = saver.Pipe()
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    child = saver.Process(target=_save_when_told, args=(child_end, env, path, fmt, 2))
+    child.start()
+    s3_server.kill_at(child.pid, n)
+    go.send(True)
+    child.join(_SAVER_SECONDS)
     s3_server.kill_at(None, 0)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(f"the saving child was still running after {_SAVER_SECONDS} s (kill point {n})")
+    if child.exitcode == -signal.SIGKILL:
         return True
-    assert os.WEXITSTATUS(status) == 0
+    assert child.exitcode == 0, child.exitcode
     return False
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to start savers without re-importing torch")
+@pytest.fixture(scope="module")
+def saver():
+    """Children for killed saves come from a fork server: a fresh process that imports torch and the
+    connector once and forks each child, never holding an S3 client of its own (the connector's native
+    client does not survive being forked from a process that has used one: seen hanging on 3.12)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "s3torchconnector.dcp", "dcp_filesystem", "test_object_storage"])
+    return context
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (a fork server) to start savers quickly")
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
-def test_a_save_killed_at_any_request_leaves_the_old_or_the_new_checkpoint(s3_server, bucket, fmt):
+def test_a_save_killed_at_any_request_leaves_the_old_or_the_new_checkpoint(s3_server, bucket, saver, fmt):
     Writer, Reader = connector_classes()
     path = f"s3://{bucket}/c"
     old, new = state(1, with_values=False), state(2, with_values=False)
     dcp_save(old, Writer(REGION, path, **_format_kwargs(fmt)))
     outcomes = []
     n = 1
-    while _killed_at(s3_server, n, lambda: dcp_save(new, Writer(REGION, path, **_format_kwargs(fmt)))):
+    while _killed_at(s3_server, saver, n, path, fmt):
         target = zeros_like_state(old)
         dcp_load(target, Reader(REGION, path))
         outcomes.append("new" if torch.equal(target["big"], new["big"]) else "old")
