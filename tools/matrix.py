@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def main() -> int:
                 continue
             start = time.monotonic()
             python = str(venv / "bin" / "python")
-            cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"] + args.pytest_args.split()
+            cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"] + shlex.split(args.pytest_args)
             print(f"== {cell}: {' '.join(cmd)}", flush=True)
             status = "passed" if subprocess.run(cmd, cwd=ROOT).returncode == 0 else "failed"
             if not args.no_cross:
