@@ -259,6 +259,18 @@ def _interrupted(e: BaseException) -> bool:
     return any(isinstance(cause, KeyboardInterrupt) for cause in _causes(e))
 
 
+def _drop_interrupted_streams() -> None:
+    """Collect the streams that the interrupted save or load left in reference cycles with its traceback,
+    without their finalizers' complaints (a flush of a file already closed and removed, a BytesIO still
+    exported), which Python would otherwise print at exit, after the message that the run was interrupted."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
 def _reason(e: BaseException) -> str:
     """One line on why ``e`` was raised; a CheckpointException's is its first rank's exception."""
     e = _causes(e)[0]
@@ -368,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
         print("bench: error: --repeats must be at least 1", file=sys.stderr)
         return 2
     progress = Progress(sys.stderr)
+    interrupted = False
     try:
         with scratch_directory(args.dir) as root:
             free = shutil.disk_usage(root).free
@@ -391,6 +404,9 @@ def run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, CheckpointException) as e:
         if not _interrupted(e):
             raise
+        interrupted = True
+    if interrupted:
+        _drop_interrupted_streams()
         progress.clear()
         print("bench: interrupted; temporary checkpoints removed", file=sys.stderr)
         return 130
