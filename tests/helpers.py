@@ -126,15 +126,25 @@ def _load(state_dict, storage_reader, use_dcp_load, **kwargs):
 @_stock_probe
 def load_writes_back_values() -> bool:
     """Whether dcp.load puts non-tensor values into the caller's dict (not on torch 2.2/2.3: pytorch#125528).
-    Asked of dcp.load itself, in a process group of one where its save needs one (2.2)."""
+    Asked of dcp.load itself, in a child process: in a process group of one where its save needs one (2.2),
+    which the child leaves without destroying it (torch 2.2's gloo teardown now and then hangs for good)."""
     if not HAS_DCP_SAVE:
         return False
-    with tempfile.TemporaryDirectory() as path:
-        dcp_save({"t": torch.ones(1), "step": 7}, torch_fs.FileSystemWriter(path))
-        out = {"t": torch.zeros(1), "step": None}
-        with one_rank_process_group() if save_needs_process_group() else contextlib.nullcontext():
+    answer = run_clean_python(f"""
+        import os, tempfile
+        import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+        import torch.distributed.checkpoint.filesystem as torch_fs
+        from helpers import _quietly
+        if {save_needs_process_group()}:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        with tempfile.TemporaryDirectory() as path:
+            _quietly(dcp.save, {{"t": torch.ones(1), "step": 7}}, storage_writer=torch_fs.FileSystemWriter(path))
+            out = {{"t": torch.zeros(1), "step": None}}
             _quietly(dcp.load, out, storage_reader=torch_fs.FileSystemReader(path))
-    return out["step"] == 7
+        print(out["step"] == 7, flush=True)
+        os._exit(0)
+    """, cwd=REPO)
+    return {"True\n": True, "False\n": False}[answer]
 
 
 def dcp_load(state_dict, storage_reader, **kwargs):

@@ -41,6 +41,8 @@ ALL_CELLS = [
 # One cell on each side of every behaviour boundary the suite knows (README, "Per-version notes").
 CI_CELLS = ["2.1.2/3.9", "2.2.2/3.10", "2.3.1/3.11", "2.5.1/3.12", "2.6.0/3.9", "2.8.0/3.11", "2.10.0/3.12",
             "2.15.0/3.13"]  # fmt: skip
+# A cell's suite takes 3-4 minutes on 2 cores: past this, it is hung, and CI has other cells to run.
+CELL_TIMEOUT_S = 900
 TEST_DEPS = ["pytest", "safetensors", "zstandard", "zlib-ng", "hypothesis", "moto[server]", "s3fs"]
 
 
@@ -102,6 +104,14 @@ def install(cell: str) -> tuple:
             return None, f"install failed (see {log_path})", time.monotonic() - start
 
 
+def run_bounded(cmd: list) -> str:
+    """passed, failed, or timed out (killed after CELL_TIMEOUT_S)."""
+    try:
+        return "passed" if subprocess.run(cmd, cwd=ROOT, timeout=CELL_TIMEOUT_S).returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        return f"timed out after {CELL_TIMEOUT_S} s"
+
+
 def run_order(cells: list) -> list:
     """Oldest first, then newest to oldest (see the module docstring)."""
     ordered = sorted(cells, key=minor)
@@ -142,11 +152,12 @@ def main() -> int:
             python = str(venv / "bin" / "python")
             cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"] + shlex.split(args.pytest_args)
             print(f"== {cell}: {' '.join(cmd)}", flush=True)
-            status = "passed" if subprocess.run(cmd, cwd=ROOT).returncode == 0 else "failed"
+            status = run_bounded(cmd)
             if not args.no_cross:
                 print(f"== {cell}: cross-version", flush=True)
-                if subprocess.run([python, str(CROSS), str(cross_dir)], cwd=ROOT).returncode != 0:
-                    status += ", cross-version failed"
+                cross_status = run_bounded([python, str(CROSS), str(cross_dir)])
+                if cross_status != "passed":
+                    status += f", cross-version {cross_status}"
             if delete_after and cell not in CI_CELLS and not (index == 0 and cross):
                 shutil.rmtree(venv)
             results.append((cell, status, seconds + time.monotonic() - start))
@@ -154,9 +165,8 @@ def main() -> int:
     if cross and (first / "bin" / "python").exists():
         # The oldest cell reads what every newer one wrote.
         print(f"== {order[0]}: cross-version, newer checkpoints", flush=True)
-        ok = subprocess.run([str(first / "bin" / "python"), str(CROSS), str(cross_dir), "--read-only"],
-                            cwd=ROOT).returncode == 0
-        results.append((f"{order[0]} reads newer", "passed" if ok else "cross-version failed", 0.0))
+        status = run_bounded([str(first / "bin" / "python"), str(CROSS), str(cross_dir), "--read-only"])
+        results.append((f"{order[0]} reads newer", status if status == "passed" else f"cross-version {status}", 0.0))
         if delete_after and order[0] not in CI_CELLS:
             shutil.rmtree(first)
     print("\n| torch / Python | result | seconds |\n|---|---|---|")
