@@ -43,12 +43,18 @@ def run_in_threads(tasks: Sequence[Callable[[], T]], name: str, stop: Optional[C
                 stop()
 
     threads = [threading.Thread(target=run, args=(i,), name=f"{__package__}-{name}-{i}") for i in range(1, len(tasks))]
-    for thread in threads:
-        thread.start()
     interrupted: Optional[BaseException] = None
     try:
+        # Inside the try: Ctrl-C can land in start(), and the threads started by then still use the
+        # caller's buffers (views of tensors the caller frees as the error unwinds).
+        for thread in threads:
+            thread.start()
         if tasks:
             run(0)
+    except BaseException:  # noqa: B036 - from start() (run catches its own): the started threads stop early
+        if stop is not None:
+            stop()
+        raise
     finally:
         for thread in threads:
             while thread.is_alive():

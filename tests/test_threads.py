@@ -90,3 +90,33 @@ def test_many_synced_files_use_threads_for_their_fsyncs(tmp_path, real_policy, t
     assert_state_equal(state, out)
     assert threads_started["reader"] == [1]
     assert threads_used["read"] == {threading.current_thread().name}
+
+
+def test_ctrl_c_while_threads_start_waits_for_the_started_ones(monkeypatch):
+    """Ctrl-C can land inside Thread.start(); the threads started by then use the caller's buffers, so the
+    interrupt reaches the caller only once they have finished."""
+    import time
+
+    finished = []
+
+    def task(i):
+        def run():
+            time.sleep(0.2)
+            finished.append(i)
+        return run
+
+    real_start = threading.Thread.start
+    started = []
+
+    def start(thread):
+        real_start(thread)
+        started.append(thread)
+        if len(started) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    stopped = []
+    with pytest.raises(KeyboardInterrupt):
+        _parallel.run_in_threads([task(i) for i in range(4)], "test", stop=lambda: stopped.append(True))
+    assert sorted(finished) == [1, 2]  # task 3 never started, task 0 (the calling thread's) never ran
+    assert stopped == [True]
