@@ -259,16 +259,12 @@ def _interrupted(e: BaseException) -> bool:
     return any(isinstance(cause, KeyboardInterrupt) for cause in _causes(e))
 
 
-def _drop_interrupted_streams() -> None:
-    """Collect the streams that the interrupted save or load left in reference cycles with its traceback,
-    without their finalizers' complaints (a flush of a file already closed and removed, a BytesIO still
-    exported), which Python would otherwise print at exit, after the message that the run was interrupted."""
-    hook = sys.unraisablehook
+def _quiet_finalizers() -> None:
+    """Drop the complaints of finalizers for the rest of this process: the interrupted save or load left
+    streams half-written (a flush of a file already removed, a BytesIO still exported), and Python would
+    print them at exit, after the message that the run was interrupted. (Collecting them at once instead
+    crashed Python 3.12's garbage collector.)"""
     sys.unraisablehook = lambda unraisable: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
 
 
 def _reason(e: BaseException) -> str:
@@ -406,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         interrupted = True
     if interrupted:
-        _drop_interrupted_streams()
+        _quiet_finalizers()
         progress.clear()
         print("bench: interrupted; temporary checkpoints removed", file=sys.stderr)
         return 130

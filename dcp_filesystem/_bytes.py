@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import io
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ def tensor_from_bytes(buffer: bytearray, dtype: torch.dtype, shape: tuple) -> to
     if len(buffer) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def byte_count(data: io.BytesIO) -> int:
+    """The size of a BytesIO's contents. Not by ``getbuffer()``, whose memoryview can outlive an interrupted
+    save in a reference cycle with the BytesIO: CPython 3.12.1's garbage collector then released the
+    buffer of a BytesIO it had already freed (a SIGSEGV at exit after Ctrl-C)."""
+    return len(data.getvalue())
 
 
 def chunk_nbytes(item: Any) -> int:

@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint.planner import WriteItem
 
 from . import _compat
-from ._bytes import chunk_nbytes
+from ._bytes import byte_count, chunk_nbytes
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 DCP_VERSION_KEY = "DCP_VERSION"
@@ -110,7 +110,7 @@ def file_layout(
     layout: Dict[int, Tuple[str, int]] = {}
     sharding: Dict[str, Any] = {}
     for wi, data in byte_items:
-        nbytes = data.getbuffer().nbytes
+        nbytes = byte_count(data)
         entries.append((wi.index.fqn, torch.uint8, (nbytes,), nbytes))
         layout[id(wi)] = (wi.index.fqn, nbytes)
     for wi in tensor_items:

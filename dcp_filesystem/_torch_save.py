@@ -453,7 +453,7 @@ def _write_archive(tensor: torch.Tensor, stream: IO[bytes], layout: _Layout, ser
     storage = storage_bytes(tensor.untyped_storage())
     if len(storage) >= _LARGE_RECORD_BYTES:
         archive = _Archive(stream, layout)
-        _add_records(archive, layout, pickled.getbuffer(), storage, serialization_id)
+        _add_records(archive, layout, memoryview(pickled.getvalue()), storage, serialization_id)
         archive.close()
         return
     # A small archive: the one built before for this data.pkl and size, its holes filled, in one write.

@@ -93,7 +93,7 @@ def _write_item(
     if write_item.type == WriteItemType.BYTE_IO:
         if not isinstance(data, io.BytesIO):
             raise AssertionError("Data must be io.BytesIO for BYTE_IO write items")
-        transform_to.write(data.getbuffer())
+        transform_to.write(data.getvalue())  # not getbuffer(): see _bytes.byte_count for why
     else:
         if not isinstance(data, torch.Tensor) or data.device.type != "cpu":
             raise AssertionError("Data must be a CPU torch.Tensor for tensor write items")
