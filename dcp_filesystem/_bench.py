@@ -262,8 +262,9 @@ def _interrupted(e: BaseException) -> bool:
 def _quiet_finalizers() -> None:
     """Drop the complaints of finalizers for the rest of this process: the interrupted save or load left
     streams half-written (a flush of a file already removed, a BytesIO still exported), and Python would
-    print them at exit, after the message that the run was interrupted. (Collecting them at once instead
-    crashed Python 3.12's garbage collector.)"""
+    print them at exit, after the message that the run was interrupted. Not by collecting them now: stock
+    torch's saves still export BytesIO buffers, which CPython 3.12.1's collector can crash on (see
+    _bytes.byte_count)."""
     sys.unraisablehook = lambda unraisable: None
 
 
