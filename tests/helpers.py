@@ -36,6 +36,11 @@ def _in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+# Every group one_rank_process_group made, kept alive: destroy_process_group drops the last reference to
+# the gloo group, and on torch 2.2 and 2.3 its C++ destructor now and then hung for good (CI, once each).
+_DESTROYED_GROUPS = []
+
+
 @contextlib.contextmanager
 def one_rank_process_group():
     """A gloo group of one process, for DCP entry points that insist on a process group."""
@@ -46,6 +51,7 @@ def one_rank_process_group():
     try:
         yield
     finally:
+        _DESTROYED_GROUPS.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 
