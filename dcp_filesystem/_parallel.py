@@ -18,7 +18,10 @@ from .fs import file_descriptor
 
 T = TypeVar("T")
 
-_STEP_BYTES = 4 << 20  # one read call, then its CRC, per step
+_STEP_BYTES = 4 << 20  # one read call per step
+# With a CRC, smaller steps: each is checksummed while its bytes are still in the core's cache (256 KiB
+# measured fastest here: 4 MiB steps cost a third more CRC time, 64 KiB ones more switching).
+_CRC_STEP_BYTES = 256 << 10
 _PART_BYTES = 8 << 20  # smaller ranges are not worth a thread
 # Below this many bytes per thread, files are read or written one after another: the work on
 # small items holds the GIL, so extra threads only add switching.
@@ -137,8 +140,9 @@ def preadv_descriptor(stream: IO[bytes]) -> Optional[int]:
 def _pread_range(fd: int, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
     """Fill ``view`` from ``fd`` at ``offset`` in steps, each checksummed right after it is read."""
     position, crc = 0, 0
+    step_bytes = _CRC_STEP_BYTES if with_crc else _STEP_BYTES
     while position < len(view):
-        step = view[position : position + _STEP_BYTES]
+        step = view[position : position + step_bytes]
         n = os.preadv(fd, [step], offset + position)
         if n <= 0:
             break

@@ -26,6 +26,7 @@ def small_parts(monkeypatch):
     """Reads of a few KiB already split over three threads, in steps of 1000 bytes."""
     monkeypatch.setattr(_parallel, "_PART_BYTES", 4096)
     monkeypatch.setattr(_parallel, "_STEP_BYTES", 1000)
+    monkeypatch.setattr(_parallel, "_CRC_STEP_BYTES", 1000)
     monkeypatch.setattr(_parallel, "_cores", lambda: 3)
 
 
