@@ -145,9 +145,10 @@ def read_header(
         return None
     (header_len,) = struct.unpack("<Q", start[:8])
     if header_len > MAX_HEADER_BYTES or base + 8 + header_len > size:
+        the_file = "" if file_size is None else f"the file ({file_size} bytes) or "
         raise ValueError(
-            f"{where}: safetensors header length {header_len} is larger than the file "
-            f"({file_size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
+            f"{where}: safetensors header length {header_len} is larger than {the_file}"
+            f"the {MAX_HEADER_BYTES}-byte limit"
         )
     raw = read_at(base + 8, header_len)
     if len(raw) != header_len:
@@ -205,14 +206,17 @@ def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
         return None
     chunks = getattr(tensor, "chunks", None) or []
     hint = getattr(index, "index", None)
-    candidates = ([chunks[hint]] if hint is not None and 0 <= hint < len(chunks) else []) + list(chunks)
-    for chunk in candidates:
-        if index.offset is None or tuple(chunk.offsets) == tuple(index.offset):
-            shape = tuple(chunk.sizes)
-            if _numel(shape) * torch._utils._element_size(tensor.properties.dtype) != info.length:
-                return None
-            return Entry(tensor.properties.dtype, shape, info.offset, info.offset + info.length)
-    return None
+    offset = None if index.offset is None else tuple(index.offset)
+    chunk = chunks[hint] if hint is not None and 0 <= hint < len(chunks) else None
+    if chunk is None or (offset is not None and tuple(chunk.offsets) != offset):
+        chunk = next((c for c in chunks if offset is None or tuple(c.offsets) == offset), None)
+    if chunk is None:
+        return None
+    shape = tuple(chunk.sizes)
+    dtype = tensor.properties.dtype
+    if _numel(shape) * dtype.itemsize != info.length:
+        return None
+    return Entry(dtype, shape, info.offset, info.offset + info.length)
 
 
 def stock_entry(header: Optional[Header], fqn: str) -> Optional[Entry]:

@@ -81,14 +81,15 @@ class _DataFile:
         got, _ = self.readinto_with_crc(start, buffer, False)
         self._ahead_start, self._ahead = start, buffer[:got]
 
-    def _read_ahead_part(self, offset: int, length: int) -> Optional[memoryview]:
+    def read_ahead_part(self, offset: int, length: int) -> Optional[memoryview]:
+        """The bytes ``[offset, offset + length)`` where ``read_ahead`` holds them, else None."""
         begin = offset - self._ahead_start
         if begin < 0 or begin + length > len(self._ahead):
             return None
         return self._ahead[begin : begin + length]
 
     def readinto_at(self, offset: int, view: memoryview) -> int:
-        part = self._read_ahead_part(offset, len(view))
+        part = self.read_ahead_part(offset, len(view))
         if part is not None:
             view[:] = part
             return len(view)
@@ -103,7 +104,7 @@ class _DataFile:
 
     def readinto_with_crc(self, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
         """Fill ``view`` from ``offset``: (bytes read, their CRC-32 or 0), on several cores where possible."""
-        part = self._read_ahead_part(offset, len(view))
+        part = self.read_ahead_part(offset, len(view))
         if part is not None:
             view[:] = part
             return len(view), crc32(part, self.files_at_once) if with_crc else 0
@@ -245,8 +246,9 @@ class FileSystemReader(StorageReader):
             local = self.fs.local_path(path) is not None
             with self.fs.create_stream(path, "rb") as stream:
                 data_file = _DataFile(stream, os.path.join(str(self.path), relative_path), threads, local)
-                if local:
-                    data_file.safetensors_header()  # a damaged header fails here, whichever item comes first
+                if local and not all(_safetensors.is_ours(info) for _, info in reqs):
+                    # Where a load uses the header, a damaged one fails here, whichever item comes first.
+                    data_file.safetensors_header()
                 read_until = 0
                 for n, (req, info) in enumerate(reqs):
                     if local and info.length < _SMALL_ITEM_BYTES and info.offset + info.length > read_until:
@@ -287,7 +289,19 @@ class FileSystemReader(StorageReader):
 
     def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
         data_file.check_range(info.offset, info.length, req)
-        is_tensor = req.type != LoadItemType.BYTE_IO
+        if req.type == LoadItemType.BYTE_IO:
+            payload = data_file.read_checked(req, info)
+            try:
+                planner.load_bytes(req, io.BytesIO(self._untransformed(req, info, payload)))
+            except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+                raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
+            return
+        target = planner.resolve_tensor(req).detach()
+        if not self._entry_from_memory(data_file, req, info, target):
+            self._read_tensor(data_file, req, info, target)
+        planner.commit_tensor(req, target)
+
+    def _read_tensor(self, data_file: _DataFile, req: ReadItem, info: Any, target: torch.Tensor) -> None:
         read: List[bytearray] = []  # where sniffing the item's head read all of it (not a local file)
 
         def read_head() -> bytes:
@@ -296,28 +310,41 @@ class FileSystemReader(StorageReader):
             read.append(data_file.read_checked(req, info))  # read once, front to back
             return bytes(read[0][: _safetensors.SNIFF_BYTES])
 
-        if is_tensor:
-            stored = stored_as(info, data_file.safetensors_header, read_head, is_tensor)
-            in_place = not read and not transform_descriptors_of(info)
-            if in_place and self._read_in_place(data_file, req, info, stored, planner):
-                return
+        stored = stored_as(info, data_file.safetensors_header, read_head, True)
+        in_place = not read and not transform_descriptors_of(info)
+        if in_place and self._read_in_place(data_file, req, info, stored, target):
+            return
         payload = read[0] if read else data_file.read_checked(req, info)
         try:
-            if not is_tensor:
-                planner.load_bytes(req, io.BytesIO(self._untransformed(req, info, payload)))
-                return
             tensor = self._decode_tensor(data_file, req, info, stored, payload)
         except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
             raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
         tensor = _narrow(tensor, req.storage_offsets, req.lengths)
-        target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
             raise ValueError(
                 f"{data_file.name}: item {_describe(req)} has size {list(tensor.size())} "
                 f"but the load plan expects {list(target.size())}"
             )
         target.copy_(tensor)
-        planner.commit_tensor(req, target)
+
+    def _entry_from_memory(self, data_file: _DataFile, req: ReadItem, info: Any, target: torch.Tensor) -> bool:
+        """Fill a contiguous CPU ``target`` with a whole SAFETENSORS entry of this package whose bytes a
+        read-ahead holds; False, with nothing done, for any other item or target. The many small tensors of
+        a model take this way: it does per item only what such an entry needs (the general way costs more
+        per item than copying its bytes)."""
+        if not _safetensors.is_ours(info) or transform_descriptors_of(info) or any(req.storage_offsets):
+            return False
+        part = data_file.read_ahead_part(info.offset, info.length)
+        if part is None or not target.is_cpu or not target.is_contiguous():
+            return False
+        index = req.storage_index
+        entry = _safetensors.entry_from_metadata(info, self._tensors.get(index.fqn), index)
+        if entry is None or target.dtype != entry.dtype or tuple(target.size()) != entry.shape:
+            return False
+        if _checksum.stored_crc32(info) is not None:
+            _checksum.check(data_file.name, _describe(req), info, crc32(part))
+        tensor_bytes(target)[:] = part
+        return True
 
     def _plain_tensor(
         self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored]
@@ -348,16 +375,15 @@ class FileSystemReader(StorageReader):
         return plain._replace(start=info.offset + plain.start), head[: plain.start], tail[len(tail) - after :]
 
     def _read_in_place(
-        self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], planner: LoadPlanner
+        self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], target: torch.Tensor
     ) -> bool:
-        """Read a whole stored tensor straight into its destination; False where that cannot be done."""
+        """Read a whole stored tensor straight into ``target``; False where that cannot be done."""
         if any(req.storage_offsets):
             return False
         found = self._plain_tensor(data_file, req, info, stored)
         if found is None or tuple(req.lengths) != found[0].size:
             return False
         plain, before, after = found
-        target = planner.resolve_tensor(req).detach()
         on_device = target.device.type != "cpu"
         if on_device and not data_file.device_reads.accepts(target):
             return False  # no pinned memory for that device: the decoded tensor is copied there
@@ -388,7 +414,6 @@ class FileSystemReader(StorageReader):
             _checksum.check(data_file.name, _describe(req), info, crc)
         if plain.crc and storage_crc != plain.crc:
             raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {crc_error(plain.member)}")
-        planner.commit_tensor(req, target)
         return True
 
     def _decode_tensor(

@@ -272,13 +272,23 @@ def load_rank_local(reader, state, rank):
 
 def strip_checksums(path) -> None:
     """Rewrite a checkpoint's .metadata as an older dcp_filesystem wrote it: no checksums."""
+    _strip_storage_info_field(path, "crc32")
+
+
+def strip_safetensors_marks(path) -> None:
+    """Rewrite a checkpoint's .metadata as an older dcp_filesystem wrote it: SAFETENSORS entries not marked as
+    this package's, so a load finds them by the data file's header."""
+    _strip_storage_info_field(path, "safetensors_entry")
+
+
+def _strip_storage_info_field(path, name) -> None:
     import pickle
 
     metadata_path = os.path.join(str(path), ".metadata")
     with open(metadata_path, "rb") as f:
         metadata = pickle.load(f)  # stops at the end of the pickle, before the checksum trailer
     for info in metadata.storage_data.values():
-        vars(info).pop("crc32", None)
+        vars(info).pop(name, None)
     with open(metadata_path, "wb") as f:
         pickle.dump(metadata, f)
 

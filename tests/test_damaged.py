@@ -1,4 +1,6 @@
 """Damaged and hostile checkpoints raise clear errors naming the file and the item."""
+import contextlib
+import io
 import os
 import pickle
 import random
@@ -7,9 +9,9 @@ import struct
 
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums
+from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums, strip_safetensors_marks
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _cli
 from dcp_filesystem._torch_save import archive_members
 
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
@@ -61,13 +63,22 @@ def test_truncated_data_file_names_file_and_item(tmp_path, fmt):
     with open(data, "r+b") as f:
         f.truncate(info.offset + info.length - 1)
     message = load_error(path)
-    if fmt == SerializationFormat.SAFETENSORS:
-        # The header is checked against the file size before any item is read.
-        assert f"{data} (offset 0): safetensors entry 'w' has offsets" in message
-        assert f"in a {info.offset + info.length - 1}-byte file" in message
-    else:
-        assert f"{data}: item 'w' (chunk at [0, 0]) needs bytes [{info.offset}, {info.offset + info.length})" in message
-        assert "truncated or damaged checkpoint" in message
+    assert f"{data}: item 'w' (chunk at [0, 0]) needs bytes [{info.offset}, {info.offset + info.length})" in message
+    assert f"but the file has {info.offset + info.length - 1} bytes (truncated or damaged checkpoint)" in message
+
+
+def test_truncated_older_safetensors_file_fails_on_its_header(tmp_path):
+    """Entries not marked as this package's are found by the header, checked against the file size first."""
+    path = tmp_path / "c"
+    save(path, SerializationFormat.SAFETENSORS)
+    strip_safetensors_marks(path)
+    info = storage_info(path, "w")
+    data = path / info.relative_path
+    with open(data, "r+b") as f:
+        f.truncate(info.offset + info.length - 1)
+    message = load_error(path)
+    assert f"{data} (offset 0): safetensors entry 'w' has offsets" in message
+    assert f"in a {info.offset + info.length - 1}-byte file" in message
 
 
 def test_missing_data_file_names_it(tmp_path):
@@ -122,13 +133,46 @@ def only_data_file(path):
     return path / name
 
 
-def test_safetensors_header_length_past_end_of_file(tmp_path):
+def verify(path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = _cli.main(["verify", str(path)])
+    return code, out.getvalue()
+
+
+MARKS = ["marked", "older-unmarked"]
+
+
+def assert_damaged_header_reported(path, data, message, marks):
+    """This package's SAFETENSORS entries are placed by the metadata and checked by their checksums: with a
+    damaged header they still load bit-exact, and ``verify`` fails naming the file (stock torch and the
+    safetensors library read the file by its header). Unmarked entries (older versions of this package)
+    are found by the header: their load fails with ``message``."""
+    if marks == "older-unmarked":
+        strip_safetensors_marks(path)
+        assert message in load_error(path)
+        return
+    out = {"w": torch.zeros(64, 32), "b": torch.zeros(16, dtype=torch.int64), "step": 0}
+    dcp_load(out, FileSystemReader(path))
+    assert_state_equal(make_state(), out)
+    code, report = verify(path)
+    assert code == 1, report
+    (line,) = [line for line in report.splitlines() if line.startswith(f"{data.name}: ")]
+    assert line.startswith(f"{data.name}: ValueError: {message}"), report
+    assert report.splitlines()[-1] == "FAILED: 1 data file(s) whose safetensors header disagrees with the metadata"
+
+
+@pytest.mark.parametrize("marks", MARKS)
+def test_safetensors_header_length_past_end_of_file(tmp_path, marks):
     path = tmp_path / "c"
     save(path, SerializationFormat.SAFETENSORS)
     data = only_data_file(path)
     write_header(data, header_len_override=1 << 40)
-    message = load_error(path)
-    assert f"{data} (offset 0): safetensors header length {1 << 40} is larger than the file" in message
+    if marks == "marked":
+        message = f"{data} (offset 0): safetensors header length {1 << 40} is larger than the 100000000-byte limit"
+    else:
+        message = f"{data} (offset 0): safetensors header length {1 << 40} is larger than the file"
+    assert_damaged_header_reported(path, data, message, marks)
 
 
 def test_safetensors_oversized_json_header(tmp_path):
@@ -136,12 +180,14 @@ def test_safetensors_oversized_json_header(tmp_path):
     save(path, SerializationFormat.SAFETENSORS)
     data = only_data_file(path)
     data.write_bytes(struct.pack("<Q", 150_000_000) + b"{" + b" " * 1000)
+    strip_safetensors_marks(path)
     message = load_error(path)
     assert f"{data} (offset 0): safetensors header length 150000000 is larger than the file (1009 bytes)" in message
     assert "or the 100000000-byte limit" in message
 
 
-def test_safetensors_entry_offsets_that_do_not_fit(tmp_path):
+@pytest.mark.parametrize("marks", MARKS)
+def test_safetensors_entry_offsets_that_do_not_fit(tmp_path, marks):
     path = tmp_path / "c"
     save(path, SerializationFormat.SAFETENSORS)
     data = only_data_file(path)
@@ -151,19 +197,34 @@ def test_safetensors_entry_offsets_that_do_not_fit(tmp_path):
     bad = header.replace('"w":{"dtype":"F32","shape":[64,32]', '"w":{"dtype":"F32","shape":[64,33]')
     assert bad != header
     write_header(data, header=bad.encode())
-    message = load_error(path)
-    assert f"{data} (offset 0): safetensors entry 'w' has offsets" in message
-    assert "do not fit shape [64, 33] of F32" in message
+    assert_damaged_header_reported(path, data, f"{data} (offset 0): safetensors entry 'w' has offsets", marks)
 
 
-def test_safetensors_header_garbage_json(tmp_path):
+@pytest.mark.parametrize("marks", MARKS)
+def test_safetensors_header_garbage_json(tmp_path, marks):
     path = tmp_path / "c"
     save(path, SerializationFormat.SAFETENSORS)
     data = only_data_file(path)
     raw = data.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     write_header(data, header=b"{" + b"\xff" * (n - 1))
-    assert f"{data} (offset 0): safetensors header is not valid JSON" in load_error(path)
+    assert_damaged_header_reported(path, data, f"{data} (offset 0): safetensors header is not valid JSON", marks)
+
+
+def test_safetensors_header_that_names_another_key_fails_verify(tmp_path):
+    """Valid JSON, every entry fits, but one key is not the item's: stock torch would not find it."""
+    path = tmp_path / "c"
+    save(path, SerializationFormat.SAFETENSORS)
+    data = only_data_file(path)
+    raw = data.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    write_header(data, header=raw[8 : 8 + n].replace(b'"w":{', b'"v":{'))
+    info = storage_info(path, "w")
+    message = (
+        f"{data}: the safetensors header does not describe item 'w' (chunk at [0, 0]) "
+        f"(bytes [{info.offset}, {info.offset + info.length})) as the metadata does"
+    )
+    assert_damaged_header_reported(path, data, message, "marked")
 
 
 @pytest.mark.parametrize("escape", ["../outside.distcp", "/etc/hostname", "sub/../../outside.distcp", "link/x.distcp"])
@@ -198,9 +259,8 @@ def test_reader_does_not_follow_symlinked_data_outside_but_loads_inside_links(tm
 def test_fuzzed_bytes_give_a_clear_error_or_a_correct_load(tmp_path, fmt):
     """Seeded byte flips in the metadata, torch.save archives and safetensors headers.
 
-    SAFETENSORS tensor bytes carry no checksum (neither format upstream has one),
-    so flips there are left out; every byte of a TORCH_SAVE archive is covered
-    by its CRC-32.
+    In SAFETENSORS files the flips land in the header (test_fuzz_flips.py flips
+    every item's bytes, checked by their checksums).
     """
     pristine = tmp_path / "pristine"
     state = save(pristine, fmt)
