@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import datetime
 import gc
+import importlib.util
 import inspect
 import json
 import logging
@@ -327,15 +328,37 @@ class TorchSavePeer:
         fill_(dest, torch.load(os.path.join(path, "model.pt"), weights_only=True, **kwargs))
 
 
-def variants():
-    """DCP variants: this package and stock torch, each run at thread_count 1 and 2."""
-    out = [
-        DcpVariant("dcp_filesystem torch_save", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
-                   dcp_filesystem.SerializationFormat.TORCH_SAVE, reader_threads=True),
-        DcpVariant("dcp_filesystem safetensors", dcp_filesystem.FileSystemWriter, dcp_filesystem.FileSystemReader,
-                   dcp_filesystem.SerializationFormat.SAFETENSORS, reader_threads=True),
-        DcpVariant("stock torch_save", dcp.FileSystemWriter, dcp.FileSystemReader),
+def package_variants(prefix, package):
+    return [
+        DcpVariant(f"{prefix} torch_save", package.FileSystemWriter, package.FileSystemReader,
+                   package.SerializationFormat.TORCH_SAVE, reader_threads=True),
+        DcpVariant(f"{prefix} safetensors", package.FileSystemWriter, package.FileSystemReader,
+                   package.SerializationFormat.SAFETENSORS, reader_threads=True),
     ]
+
+
+def baseline_package(directory):
+    """The package folder of another revision (``directory`` holds its ``__init__.py``), imported under a
+    name of its own, as a vendored copy is."""
+    init = os.path.join(directory, "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(f"--baseline {directory}: no __init__.py there (give a checkout's dcp_filesystem folder)")
+    spec = importlib.util.spec_from_file_location(BASELINE_MODULE, init, submodule_search_locations=[directory])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+BASELINE_MODULE = "dcp_filesystem_baseline"
+
+
+def variants(baseline=None):
+    """DCP variants: this package (and a baseline revision of it), stock torch, each at thread_count 1 and 2."""
+    out = package_variants("dcp_filesystem", dcp_filesystem)
+    if baseline is not None:
+        out += package_variants("baseline", baseline)
+    out.append(DcpVariant("stock torch_save", dcp.FileSystemWriter, dcp.FileSystemReader))
     if StockFormat is not None:
         out.append(DcpVariant("stock safetensors", dcp.FileSystemWriter, dcp.FileSystemReader,
                               StockFormat.SAFETENSORS, load_may_fail=True))
@@ -548,11 +571,39 @@ def fmt(x, spec):
 
 
 def markdown(header, rows):
-    """What a run prints: a title line, then full_table's notes and table."""
+    """What a run prints: a title line, then full_table's notes and table, and the before/after table of a
+    run with a baseline."""
     return "\n".join([f"# dcp_filesystem benchmark — {header['date']}", "",
                       f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
                       f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
-                      full_table(header, rows)])
+                      full_table(header, rows)] + baseline_table(header, rows))
+
+
+def baseline_table(header, rows):
+    """This revision's rows beside the baseline's, same run: the change of the median time."""
+    if not header.get("baseline"):
+        return []
+    def key(r):
+        return r["workload"], r["op"], r.get("cold", False), r["variant"].split(" ", 1)[1], r["sync"], r["threads"]
+
+    baseline = {key(r): r for r in rows if r["variant"].startswith("baseline ")}
+    lines = ["", f"## Before/after: this revision vs the baseline {header['baseline']}", "",
+             "Same run, cases interleaved; medians, and in brackets the fastest of the repeats.", "",
+             "| workload | op | format | sync | threads | baseline ms | this ms | change |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r["variant"].startswith("dcp_filesystem ") or not r["median_s"]:
+            continue
+        fmt_name = r["variant"].split(" ", 1)[1]
+        b = baseline.get(key(r))
+        if b is None or not b["median_s"]:
+            continue
+        op = r["op"] + (" cold" if r.get("cold") else "")
+        lines.append(f"| {r['workload']} | {op} | {fmt_name} | {r['sync']} | {r['threads']} "
+                     f"| {b['median_s'] * 1e3:.1f} [{min(b['seconds']) * 1e3:.1f}] "
+                     f"| {r['median_s'] * 1e3:.1f} [{min(r['seconds']) * 1e3:.1f}] "
+                     f"| {(r['median_s'] / b['median_s'] - 1) * 100:+.1f} % |")
+    return lines
 
 
 def full_table(header, rows):
@@ -829,9 +880,15 @@ def main():
                       help=f"write {RESULTS_MD}, {CHART_PNG} and README.rst's summary table from this run "
                            "(the default for a full run: all workloads, no --quick)")
     docs.add_argument("--no-docs", dest="docs", action="store_false", help="write none of them")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run the dcp_filesystem folder DIR of another revision (e.g. from git worktree add) "
+                        "as rows 'baseline ...', and print a before/after table; never written to the docs")
     args = p.parse_args()
     if args.docs is None:
-        args.docs = not args.quick and not args.workload
+        args.docs = not args.quick and not args.workload and not args.baseline
+    if args.docs and args.baseline:
+        p.error("--docs and --baseline: the docs show this revision only")
+    baseline = baseline_package(os.path.abspath(args.baseline)) if args.baseline else None
     repeats = args.repeats or (3 if args.quick else 5)
     syncs = [True] if args.quick else [True, False]
     peer_variants, skipped = peers()
@@ -850,7 +907,7 @@ def main():
         for line in skipped:
             print(line, file=sys.stderr, flush=True)
         dcp_calls = probe_dcp()
-        cases = [(v, s, t) for s in syncs for v in variants() for t in (1, 2)]
+        cases = [(v, s, t) for s in syncs for v in variants(baseline) for t in (1, 2)]
         cases += [(v, s, 1) for s in syncs for v in peer_variants]
         cases += [(RawVariant(), s, 1) for s in syncs]
         header = {
@@ -858,6 +915,7 @@ def main():
             "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
             "command": command_line(), "quick": args.quick, "machine": machine(root),
             "cold": cold, "loads": loads, "skipped": skipped, "dcp_calls": dcp_calls,
+            "baseline": args.baseline,
         }
         progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
         for name, build in workloads(args.quick).items():
