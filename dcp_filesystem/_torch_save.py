@@ -314,14 +314,48 @@ def plain_storage(head: memoryview, tail: memoryview, archive_size: int) -> Opti
         _check_crcs(read, members, skip=name)
     except _Unsupported:
         return None
+    member = members[name]
+    return _plain(spec, member.start, member.size, member.crc, name)
+
+
+def _plain(spec: _TensorSpec, start: int, nbytes: int, crc: int, name: str) -> Optional[PlainTensor]:
+    """The tensor of ``spec`` as a plain run of bytes, where it is one: contiguous, from its storage's start."""
     numel, strides = 1, []
     for dim in reversed(spec.size):
         strides.insert(0, numel)
         numel *= dim
     if spec.storage_offset != 0 or numel != spec.storage.numel or tuple(spec.stride) != tuple(strides):
         return None
-    member = members[name]
-    return PlainTensor(spec.storage.dtype, tuple(spec.size), member.start, member.size, member.crc, name)
+    return PlainTensor(spec.storage.dtype, tuple(spec.size), start, nbytes, crc, name)
+
+
+def plain_storage_from_head(head: memoryview) -> Optional[PlainTensor]:
+    """Where a contiguous tensor's bytes lie in an archive, as its first bytes say: its pickle (the first
+    member) and the local header of its storage record. A guess, so that the storage can be read before
+    the archive's end: ``plain_storage`` of the bytes before and after the storage confirms it (``crc`` is
+    0 here: the storage's CRC-32 is in the records after it). None where the head says nothing clear."""
+    data = bytes(head)
+    try:
+        fields = _LOCAL_HEADER.unpack_from(data, 0)
+        name_end = _LOCAL_HEADER.size + fields[9]
+        name = data[_LOCAL_HEADER.size : name_end].decode("utf-8")
+        if data[:4] != ZIP_MAGIC or not name.endswith("/data.pkl"):
+            return None
+        spec = _TensorUnpickler(io.BytesIO(data[name_end + fields[10] :])).load()
+    except Exception:  # noqa: BLE001 - whatever the first bytes hold, no guess; plain_storage decides instead
+        return None
+    if not isinstance(spec, _TensorSpec):
+        return None
+    record = (name[: -len("data.pkl")] + "data/" + spec.storage.key).encode()
+    nbytes = spec.storage.numel * torch._utils._element_size(spec.storage.dtype)
+    at = data.find(ZIP_MAGIC, name_end)
+    while 0 <= at <= len(data) - _LOCAL_HEADER.size:
+        fields = _LOCAL_HEADER.unpack_from(data, at)
+        name_start = at + _LOCAL_HEADER.size
+        if data[name_start : name_start + fields[9]] == record:
+            return _plain(spec, name_start + fields[9] + fields[10], nbytes, 0, record.decode())
+        at = data.find(ZIP_MAGIC, at + 4)
+    return None
 
 
 class _Layout(NamedTuple):

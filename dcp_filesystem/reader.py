@@ -23,7 +23,7 @@ from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, 
 from ._gc import gc_paused
 from ._parallel import crc32, for_each, pread_into, preadv_descriptor, worker_count
 from ._safe_pickle import load_metadata
-from ._torch_save import PlainTensor, crc_error, load_tensor, plain_storage
+from ._torch_save import PlainTensor, crc_error, load_tensor, plain_storage, plain_storage_from_head
 from .fs import FileSystem, FileSystemAttribute, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__package__)
 # torch.save archives this large are read straight into their destination: first their edges, then the storage.
 _IN_PLACE_ARCHIVE_BYTES = 1 << 20
 _ARCHIVE_EDGE_BYTES = 16 << 10
+_EDGE_RANGE = range(_ARCHIVE_EDGE_BYTES + 1)
 # Neighbouring items smaller than this are read together, up to _RUN_BYTES in one call, then served from memory.
 _SMALL_ITEM_BYTES = 64 << 10
 _RUN_BYTES = 4 << 20
@@ -348,31 +349,57 @@ class FileSystemReader(StorageReader):
 
     def _plain_tensor(
         self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored]
-    ) -> Optional[Tuple[PlainTensor, memoryview, memoryview]]:
+    ) -> Optional[Tuple[PlainTensor, memoryview, Optional[memoryview]]]:
         """Where the item lies as a plain run of bytes (a whole safetensors entry, or a large torch.save
-        storage), with the item's stored bytes before and after that run; None where it does not."""
+        storage), with the item's stored bytes before and after that run; None where it does not. The
+        bytes after are None where the archive's head alone placed its storage: they are read after it,
+        front to back, and must confirm it (``_archive_after``)."""
         if stored is Stored.SAFETENSORS:
             entry = self._entry(data_file, req, info)
             plain = None if entry is None else PlainTensor(entry.dtype, entry.shape, info.offset, info.length, 0, "")
             return None if plain is None else (plain, memoryview(b""), memoryview(b""))
-        # An archive's edges come first, then its middle: only where the file allows reading back.
         if stored is not Stored.TORCH_SAVE or info.length < _IN_PLACE_ARCHIVE_BYTES or not data_file.local:
             return None
         head = memoryview(data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, req))
+        guess = plain_storage_from_head(head)
+        if guess is not None and guess.start <= len(head) and info.length - guess.start - guess.nbytes in _EDGE_RANGE:
+            return guess._replace(start=info.offset + guess.start), head[: guess.start], None
+        # Else the edges first, then the middle: only where the file allows reading back.
         tail_offset = info.offset + info.length - _ARCHIVE_EDGE_BYTES
         tail = memoryview(data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, req))
-        try:
-            plain = plain_storage(head, tail, info.length)
-        except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            if _checksum.stored_crc32(info) is not None:
-                return None  # the whole item is read and checked against its checksum instead
-            raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
+        plain = self._archive_layout(data_file, req, info, head, tail)
         if plain is None:
             return None
         after = info.length - plain.start - plain.nbytes
         if plain.start > len(head) or after > len(tail):
             return None
         return plain._replace(start=info.offset + plain.start), head[: plain.start], tail[len(tail) - after :]
+
+    def _archive_layout(
+        self, data_file: _DataFile, req: ReadItem, info: Any, head: memoryview, tail: memoryview
+    ) -> Optional[PlainTensor]:
+        """``plain_storage`` of an archive's first and last bytes; None also where they are damaged and the
+        item has a checksum: the whole item is then read and checked against it instead."""
+        try:
+            return plain_storage(head, tail, info.length)
+        except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            if _checksum.stored_crc32(info) is not None:
+                return None
+            raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
+
+    def _archive_after(
+        self, data_file: _DataFile, req: ReadItem, info: Any, guess: PlainTensor, before: memoryview
+    ) -> Optional[Tuple[PlainTensor, memoryview]]:
+        """Read the bytes of an archive after its storage, which its head placed, and check that its directory
+        puts the storage there too: (the storage as the directory describes it, those bytes), or None."""
+        end = guess.start + guess.nbytes
+        after = memoryview(data_file.read_exact(end, info.offset + info.length - end, req))
+        plain = self._archive_layout(data_file, req, info, before, after)
+        if plain is None or (info.offset + plain.start, plain.nbytes, plain.dtype, plain.size) != (
+            guess.start, guess.nbytes, guess.dtype, guess.size
+        ):
+            return None
+        return plain._replace(start=guess.start), after
 
     def _read_in_place(
         self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], target: torch.Tensor
@@ -396,7 +423,7 @@ class FileSystemReader(StorageReader):
             )
         data_file.check_range(plain.start, plain.nbytes, req)
         checked = _checksum.stored_crc32(info) is not None
-        with_crc = checked or bool(plain.crc)
+        with_crc = checked or bool(plain.crc) or after is None
         if on_device:  # through pinned buffers; every copy has finished when it returns
             got, storage_crc = data_file.device_reads.read_into(
                 target, data_file.readinto_with_crc, plain.start, plain.nbytes, with_crc
@@ -407,6 +434,11 @@ class FileSystemReader(StorageReader):
             raise ValueError(
                 f"{data_file.name}: item {_describe(req)}: read {got} of {plain.nbytes} bytes at offset {plain.start}"
             )
+        if after is None:
+            confirmed = self._archive_after(data_file, req, info, plain, before)
+            if confirmed is None:
+                return False  # the decoded archive is copied over what was read
+            plain, after = confirmed
         if checked:
             crc = storage_crc
             if before or after:  # a torch.save archive: its records around the storage

@@ -284,3 +284,58 @@ def test_pread_into_divides_the_cores_among_reads_running_at_once(tmp_path, monk
         os.close(fd)
     assert bytes(buffer) == content
     assert len(callers) == threads
+
+
+@pytest.fixture
+def big_item_reads(monkeypatch):
+    """(offset, length) of each read the reader makes, in order."""
+    seen = []
+    real_exact, real_into = reader._DataFile.read_exact, reader._DataFile.readinto_with_crc
+
+    def read_exact(self, offset, length, req):
+        seen.append((offset, length))
+        return real_exact(self, offset, length, req)
+
+    def readinto_with_crc(self, offset, view, with_crc):
+        seen.append((offset, len(view)))
+        return real_into(self, offset, view, with_crc)
+
+    monkeypatch.setattr(reader._DataFile, "read_exact", read_exact)
+    monkeypatch.setattr(reader._DataFile, "readinto_with_crc", readinto_with_crc)
+    return seen
+
+
+@pytest.mark.parametrize("writer", ["ours", "stock"])
+def test_an_archive_is_read_front_to_back(tmp_path, big_item_reads, writer):
+    """Its head places the storage; the storage, then the records after it, follow in one forward pass
+    (a cold read never seeks back), and those records confirm where the storage was."""
+    from torch.distributed.checkpoint import FileSystemWriter as StockWriter
+
+    state = big_state()
+    dcp_save(state, (FileSystemWriter if writer == "ours" else StockWriter)(tmp_path))
+    _, _, info, start, size = _big_storage_range(tmp_path)
+    out = destination()
+    dcp_load(out, FileSystemReader(tmp_path))
+    assert_state_equal(state, out)
+    end = info.offset + info.length
+    reads = [(o, n) for o, n in big_item_reads if info.offset <= o < end]
+    assert reads == [(info.offset, reader._ARCHIVE_EDGE_BYTES), (start, size), (start + size, end - start - size)]
+
+
+def test_an_archive_whose_head_does_not_place_its_storage_is_read_by_its_edges(tmp_path, big_item_reads):
+    """The storage record's local header renamed (the directory still names it): no guess from the head,
+    so the edges are read first, then the storage; the load is bit-exact."""
+    state = big_state()
+    dcp_save(state, FileSystemWriter(tmp_path))
+    strip_checksums(tmp_path)  # the renamed header is damage the item's checksum would report
+    data_file, raw, info, start, size = _big_storage_range(tmp_path)
+    name = raw.rfind(b"archive/data/0", info.offset, start)
+    raw[name : name + 14] = b"archive/data/X"
+    data_file.write_bytes(bytes(raw))
+    out = destination()
+    dcp_load(out, FileSystemReader(tmp_path))
+    assert_state_equal(state, out)
+    end = info.offset + info.length
+    reads = [(o, n) for o, n in big_item_reads if info.offset <= o < end]
+    edge = reader._ARCHIVE_EDGE_BYTES
+    assert reads == [(info.offset, edge), (end - edge, edge), (start, size)]
