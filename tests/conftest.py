@@ -21,6 +21,17 @@ def threads_even_for_small_checkpoints(monkeypatch):
     monkeypatch.setattr(_parallel, "_BYTES_PER_THREAD", 1)
 
 
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/bench.py, imported as a module."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    return bench
+
+
 @pytest.fixture
 def async_save_group():
     """Where dcp.async_save runs: skipped without it, in a one-rank process group where torch demands one (2.3)."""

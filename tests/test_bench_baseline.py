@@ -13,16 +13,6 @@ import dcp_filesystem
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.pop(0)
-    return bench
-
-
 def test_the_baseline_is_a_package_of_its_own(bench, tmp_path):
     copy = tmp_path / "old" / "dcp_filesystem"
     shutil.copytree(os.path.dirname(dcp_filesystem.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -175,16 +175,6 @@ def test_object_storage_recipes_run_as_written(tmp_path, s3_env, recipe):
 
 
 # ---------------------------------------------------------------- the benchmark summary
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.pop(0)
-    return bench
-
-
 def read(*path):
     with open(os.path.join(REPO, *path), encoding="utf-8") as f:
         return f.read()
