@@ -28,7 +28,8 @@ from .fs import FileSystem, FileSystemAttribute, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
 logger = logging.getLogger(__package__)
-# torch.save archives this large are read straight into their destination: first their edges, then the storage.
+# torch.save archives this large are read straight into their destination: their head, the storage, the rest
+# (or, where the head does not place the storage, both edges first).
 _IN_PLACE_ARCHIVE_BYTES = 1 << 20
 _ARCHIVE_EDGE_BYTES = 16 << 10
 _EDGE_RANGE = range(_ARCHIVE_EDGE_BYTES + 1)
