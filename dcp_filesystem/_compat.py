@@ -161,6 +161,16 @@ def available_device_type() -> Optional[str]:
     return None
 
 
+def accelerator_started() -> bool:
+    """Whether this process has started the accelerator whose tensors loads fill through pinned buffers
+    (asked without starting it)."""
+    device_type = available_device_type()
+    if device_type is None:
+        return False
+    is_initialized = getattr(device_module(device_type), "is_initialized", None)
+    return bool(is_initialized()) if callable(is_initialized) else True
+
+
 def _pinned_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 

@@ -105,9 +105,14 @@ def _cores() -> int:
     return os.cpu_count() or 1  # a system call on some platforms: asked once
 
 
+def share_of_cores(sharing: int) -> int:
+    """The cores one of ``sharing`` jobs running at once may use (at least one)."""
+    return max(1, _cores() // max(sharing, 1))
+
+
 def _parts(size: int, sharing: int) -> List[Tuple[int, int]]:
     """[start, end) parts of a ``size``-byte range, one per core of this job's share of the cores."""
-    count = max(1, min(_cores() // max(sharing, 1), size // _PART_BYTES))
+    count = max(1, min(share_of_cores(sharing), size // _PART_BYTES))
     step = -(-size // count) if size else 0
     return [(start, min(start + step, size)) for start in range(0, size, step)] if step else [(0, 0)]
 

@@ -21,7 +21,7 @@ from ._crc import crc32_combine
 from ._device_reads import DeviceReads
 from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, stored_as, transform_descriptors_of
 from ._gc import gc_paused
-from ._parallel import crc32, for_each, pread_into, preadv_descriptor, worker_count
+from ._parallel import crc32, for_each, pread_into, preadv_descriptor, share_of_cores, worker_count
 from ._safe_pickle import load_metadata
 from ._torch_save import PlainTensor, crc_error, load_tensor, plain_storage, plain_storage_from_head
 from .fs import FileSystem, FileSystemAttribute, PathLike
@@ -36,6 +36,9 @@ _EDGE_RANGE = range(_ARCHIVE_EDGE_BYTES + 1)
 # Neighbouring items smaller than this are read together, up to _RUN_BYTES in one call, then served from memory.
 _SMALL_ITEM_BYTES = 64 << 10
 _RUN_BYTES = 4 << 20
+# Neighbouring items at least this large are read side by side, each whole on a core of its own (one core
+# per item does not wait on the other cores between items, as splitting each item across them does).
+_LARGE_ITEM_BYTES = 1 << 20
 
 
 def _describe(req: ReadItem) -> str:
@@ -57,9 +60,11 @@ class _DataFile:
     only as one allows: inside the byte ranges of planned items, front to back, never at its end,
     never across an item's boundary; its size is not known, so a short read says what is missing.
     After ``read_ahead(start, end)``, reads that lie within that range are served from memory.
+    A local file's positioned reads may run in several threads at once; ``reads_at_once`` says how
+    many of this load's reads run at once (over all files), so that each takes its share of the cores.
     """
 
-    def __init__(self, stream: IO[bytes], name: str, files_at_once: int, local: bool) -> None:
+    def __init__(self, stream: IO[bytes], name: str, reads_at_once: int, local: bool) -> None:
         self.stream = stream
         self.name = name
         self.local = local
@@ -70,7 +75,7 @@ class _DataFile:
         elif local:
             stream.seek(0, os.SEEK_END)
             self.size = stream.tell()
-        self.files_at_once = files_at_once
+        self.reads_at_once = reads_at_once
         self._headers: Dict[int, Optional[_safetensors.Header]] = {}
         self._ahead_start = 0
         self._ahead = memoryview(b"")
@@ -91,10 +96,16 @@ class _DataFile:
         return self._ahead[begin : begin + length]
 
     def readinto_at(self, offset: int, view: memoryview) -> int:
+        return self.readinto_with_crc(offset, view, False)[0]
+
+    def readinto_with_crc(self, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
+        """Fill ``view`` from ``offset``: (bytes read, their CRC-32 or 0), on several cores where possible."""
         part = self.read_ahead_part(offset, len(view))
         if part is not None:
             view[:] = part
-            return len(view)
+            return len(view), crc32(part, self.reads_at_once) if with_crc else 0
+        if self.fd is not None:
+            return pread_into(self.fd, offset, view, with_crc, self.reads_at_once)
         self.stream.seek(offset)
         got = 0
         while got < len(view):
@@ -102,18 +113,7 @@ class _DataFile:
             if not n:
                 break
             got += n
-        return got
-
-    def readinto_with_crc(self, offset: int, view: memoryview, with_crc: bool) -> Tuple[int, int]:
-        """Fill ``view`` from ``offset``: (bytes read, their CRC-32 or 0), on several cores where possible."""
-        part = self.read_ahead_part(offset, len(view))
-        if part is not None:
-            view[:] = part
-            return len(view), crc32(part, self.files_at_once) if with_crc else 0
-        if self.fd is not None:
-            return pread_into(self.fd, offset, view, with_crc, self.files_at_once)
-        got = self.readinto_at(offset, view)
-        return got, crc32(view[:got], self.files_at_once) if with_crc else 0
+        return got, crc32(view[:got], self.reads_at_once) if with_crc else 0
 
     def read_at(self, offset: int, length: int) -> bytearray:
         buffer = bytearray(length)
@@ -147,7 +147,7 @@ class _DataFile:
         """An item's stored bytes, checked against their checksum where the metadata has one."""
         payload = self.read_exact(info.offset, info.length, req)
         if _checksum.stored_crc32(info) is not None:
-            _checksum.check(self.name, _describe(req), info, crc32(memoryview(payload), self.files_at_once))
+            _checksum.check(self.name, _describe(req), info, crc32(memoryview(payload), self.reads_at_once))
         return payload
 
 
@@ -160,6 +160,14 @@ def _run_end(reqs: List[Tuple[ReadItem, Any]], first: int) -> int:
         if info.length >= _SMALL_ITEM_BYTES or info.offset > end + _SMALL_ITEM_BYTES or stop - start > _RUN_BYTES:
             break
         end = max(end, stop)
+    return end
+
+
+def _large_run_end(reqs: List[Tuple[ReadItem, Any]], first: int) -> int:
+    """Where the run of large items that starts at ``reqs[first]`` ends."""
+    end = first
+    while end < len(reqs) and reqs[end][1].length >= _LARGE_ITEM_BYTES:
+        end += 1
     return end
 
 
@@ -240,7 +248,10 @@ class FileSystemReader(StorageReader):
             per_file.setdefault(info.relative_path, []).append((req, info))
         stored_bytes = sum(info.length for reqs in per_file.values() for _, info in reqs)
         threads = worker_count(self.thread_count, len(per_file), stored_bytes)
-        file_planner = planner if threads == 1 else _LockedPlanner(planner, threading.Lock())
+        locked_planner = _LockedPlanner(planner, threading.Lock())
+        file_planner = planner if threads == 1 else locked_planner
+        # Device targets are filled by the thread that reads their file (its current streams order the copies).
+        item_workers = 1 if _compat.accelerator_started() else share_of_cores(threads)
 
         def read_file(relative_path: str) -> None:
             reqs = sorted(per_file[relative_path], key=lambda r: r[1].offset)  # one pass, front to back
@@ -251,12 +262,19 @@ class FileSystemReader(StorageReader):
                 if local and not all(_safetensors.is_ours(info) for _, info in reqs):
                     # Where a load uses the header, a damaged one fails here, whichever item comes first.
                     data_file.safetensors_header()
-                read_until = 0
-                for n, (req, info) in enumerate(reqs):
+                read_until = n = 0
+                while n < len(reqs):
+                    req, info = reqs[n]
+                    if data_file.fd is not None and info.length >= _LARGE_ITEM_BYTES:
+                        end = _large_run_end(reqs, n)
+                        self._read_side_by_side(data_file, reqs[n:end], file_planner, locked_planner, item_workers)
+                        n = end
+                        continue
                     if local and info.length < _SMALL_ITEM_BYTES and info.offset + info.length > read_until:
                         read_until = _run_end(reqs, n)
                         data_file.read_ahead(info.offset, read_until)
                     self._read_item(data_file, req, info, file_planner)
+                    n += 1
 
         for_each(per_file, read_file, threads, "reader")
         if logger.isEnabledFor(logging.DEBUG):
@@ -269,6 +287,29 @@ class FileSystemReader(StorageReader):
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def _read_side_by_side(
+        self,
+        data_file: _DataFile,
+        items: List[Tuple[ReadItem, Any]],
+        planner: LoadPlanner,
+        locked_planner: _LockedPlanner,
+        workers: int,
+    ) -> None:
+        """Neighbouring large items of a local file, each read whole by one of ``workers`` threads; one after
+        another, each split across the cores, where one item holds more than its share."""
+        workers = min(len(items), workers)
+        largest = max(info.length for _, info in items)
+        if workers == 1 or largest * workers > sum(info.length for _, info in items):
+            for req, info in items:
+                self._read_item(data_file, req, info, planner)
+            return
+        reads_at_once = data_file.reads_at_once
+        data_file.reads_at_once = reads_at_once * workers
+        try:
+            for_each(items, lambda item: self._read_item(data_file, item[0], item[1], locked_planner), workers, "items")
+        finally:
+            data_file.reads_at_once = reads_at_once
 
     def _check_confined(self, relative_path: Any, req: ReadItem) -> None:
         """Refuse storage paths that leave the checkpoint directory (absolute, '..', or through a symlink)."""

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 from conftest import REAL_BYTES_PER_THREAD
-from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
+from helpers import assert_state_equal, dcp_load, dcp_save, raised_error, zeros_like_state
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, _parallel, reader, writer
 
@@ -120,3 +120,121 @@ def test_ctrl_c_while_threads_start_waits_for_the_started_ones(monkeypatch):
         _parallel.run_in_threads([task(i) for i in range(4)], "test", stop=lambda: stopped.append(True))
     assert sorted(finished) == [1, 2]  # task 3 never started, task 0 (the calling thread's) never ran
     assert stopped == [True]
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """Two cores, 64 KiB parts (a read of 128 KiB and up is split across them), no accelerator started;
+    records the thread that resolves each tensor and every positioned read of a part, by offset."""
+    monkeypatch.setattr(_parallel, "_cores", lambda: 2)
+    monkeypatch.setattr(_parallel, "_PART_BYTES", 64 << 10)
+    monkeypatch.setattr(reader._compat, "accelerator_started", lambda: False)
+    seen = {"resolved": {}, "committed": [], "parts": []}
+    real_range = _parallel._pread_range
+
+    def pread_range(fd, offset, view, with_crc):
+        seen["parts"].append((offset, len(view)))
+        return real_range(fd, offset, view, with_crc)
+
+    monkeypatch.setattr(_parallel, "_pread_range", pread_range)
+    return seen
+
+
+def recording_planner(seen):
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Recording(DefaultLoadPlanner):
+        def resolve_tensor(self, read_item):
+            seen["resolved"].setdefault(read_item.storage_index.fqn, []).append(threading.current_thread().name)
+            return super().resolve_tensor(read_item)
+
+        def commit_tensor(self, read_item, tensor):
+            seen["committed"].append(read_item.storage_index.fqn)
+            super().commit_tensor(read_item, tensor)
+
+    return Recording()
+
+
+def storage_range(tmp_path, fqn):
+    info = [s for i, s in FileSystemReader(tmp_path).read_metadata().storage_data.items() if i.fqn == fqn]
+    return info[0].offset, info[0].length
+
+
+@pytest.mark.parametrize("fmt", ["SAFETENSORS", "TORCH_SAVE"])
+def test_neighbouring_large_items_are_read_side_by_side_each_whole(tmp_path, two_cores, fmt):
+    from dcp_filesystem import SerializationFormat
+
+    gen = torch.Generator().manual_seed(5)
+    state = {f"w{i}": torch.randn(MiB // 4, generator=gen) for i in range(6)}  # 6 x 1 MiB
+    state["norm"] = torch.randn(16, generator=gen)
+    dcp_save(state, FileSystemWriter(tmp_path, serialization_format=getattr(SerializationFormat, fmt)))
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
+    assert_state_equal(state, out)
+    big = [f"w{i}" for i in range(6)]
+    # Each tensor resolved and committed once; the large ones on both threads, each read by one call.
+    assert sorted(two_cores["resolved"]) == sorted(state)
+    assert all(len(threads) == 1 for threads in two_cores["resolved"].values())
+    assert sorted(two_cores["committed"]) == sorted(two_cores["resolved"])
+    assert len({two_cores["resolved"][fqn][0] for fqn in big}) == 2
+    for fqn in big:
+        offset, length = storage_range(tmp_path, fqn)
+        inside = [(o, n) for o, n in two_cores["parts"] if offset <= o < offset + length]
+        assert MiB in [n for _, n in inside]  # the tensor's bytes in one read, not split in two
+        assert all(n < MiB // 2 or n == MiB for _, n in inside)  # besides: an archive's head and tail
+
+
+def test_an_item_larger_than_its_share_is_split_across_the_cores(tmp_path, two_cores):
+    """3 MiB beside 1 MiB: side by side, one core would read 3 MiB alone; one after another, each split."""
+    state = {"a": torch.randn(3 * MiB // 4), "b": torch.randn(MiB // 4)}
+    dcp_save(state, FileSystemWriter(tmp_path))
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
+    assert_state_equal(state, out)
+    assert {t for threads in two_cores["resolved"].values() for t in threads} == {threading.current_thread().name}
+    offset, length = storage_range(tmp_path, "a")
+    halves = [n for o, n in two_cores["parts"] if offset <= o < offset + length and n >= MiB]
+    assert halves == [3 * MiB // 2, 3 * MiB // 2]
+
+
+def test_with_an_accelerator_started_items_are_read_by_the_files_thread(tmp_path, two_cores, monkeypatch):
+    """Device targets are filled on the thread whose current streams the copies follow."""
+    monkeypatch.setattr(reader._compat, "accelerator_started", lambda: True)
+    state = {f"w{i}": torch.randn(MiB // 4) for i in range(4)}
+    dcp_save(state, FileSystemWriter(tmp_path))
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
+    assert_state_equal(state, out)
+    assert {t for threads in two_cores["resolved"].values() for t in threads} == {threading.current_thread().name}
+
+
+def test_a_damaged_item_read_side_by_side_names_the_item(tmp_path, two_cores):
+    state = {f"w{i}": torch.randn(MiB // 4) for i in range(4)}
+    dcp_save(state, FileSystemWriter(tmp_path))
+    offset, length = storage_range(tmp_path, "w2")
+    (data_file,) = tmp_path.glob("*.distcp")
+    raw = bytearray(data_file.read_bytes())
+    raw[offset + length // 2] ^= 0x10
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(BaseException) as caught:  # DCP's CheckpointException is a BaseException
+        dcp_load(zeros_like_state(state), FileSystemReader(tmp_path), planner=recording_planner(two_cores))
+    error = raised_error(caught.value)
+    assert isinstance(error, ValueError)
+    assert str(error).startswith(f"{data_file}: item 'w2' (chunk at [0]): checksum mismatch")
+    assert len({two_cores["resolved"][fqn][0] for fqn in two_cores["resolved"]}) == 2  # it was read side by side
+
+
+def test_asking_whether_an_accelerator_started_starts_none(tmp_path):
+    from helpers import REPO, run_clean_python
+
+    out = run_clean_python(
+        f"""
+        import sys
+        sys.path.insert(0, {REPO!r})
+        import torch
+        from dcp_filesystem import _compat
+        print(_compat.accelerator_started(), torch.cuda.is_initialized())
+        """,
+        cwd=str(tmp_path),
+    )
+    assert out.split() == ["False", "False"]
