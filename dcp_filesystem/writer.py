@@ -5,7 +5,6 @@ import dataclasses
 import io
 import logging
 import os
-import pickle
 import queue
 import threading
 import time
@@ -22,7 +21,7 @@ from torch.futures import Future
 
 from . import _cleanup, _compat
 from ._bytes import chunk_nbytes, tensor_bytes
-from ._checksum import ChecksummingWriter, record_crc32, with_trailer
+from ._checksum import ChecksummingWriter, record_crc32
 from ._cleanup import DATA_FILE as _DATA_FILE
 from ._format import (
     CURRENT_DCP_VERSION,
@@ -36,6 +35,7 @@ from ._format import (
 )
 from ._gc import gc_paused
 from ._parallel import run_in_threads, worker_count
+from ._safe_pickle import dump_metadata
 from ._safetensors import dtype_name, file_layout, mark_ours
 from ._torch_save import save_tensor
 from ._writeback import with_early_writeback
@@ -446,7 +446,7 @@ class _FileSystemWriter(StorageWriter):
         listed, self._listed = self._listed, None
         tmp_path = self.fs.concat_path(self.path, f"{metadata_file_name(rank)}.tmp")
         metadata_path = self.metadata_path
-        data = with_trailer(pickle.dumps(metadata))
+        data = dump_metadata(metadata)
         step: Tuple[PathLike, ...] = (tmp_path,)  # the file(s) the step that may fail works on
         old_removed = False
         replaced = self._files_named_by(metadata_path) if listed is None else set()

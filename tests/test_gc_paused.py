@@ -37,18 +37,18 @@ def gc_during_reads(monkeypatch):
 def gc_during_writes(monkeypatch):
     """Whether collection was enabled in each item write and in finish (when it builds the metadata)."""
     seen = []
-    real_write, real_trailer = writer._write_item, writer.with_trailer
+    real_write, real_dump = writer._write_item, writer.dump_metadata
 
     def spy_write(*args, **kwargs):
         seen.append(("write", gc.isenabled()))
         return real_write(*args, **kwargs)
 
-    def spy_trailer(*args, **kwargs):
+    def spy_dump(*args, **kwargs):
         seen.append(("finish", gc.isenabled()))
-        return real_trailer(*args, **kwargs)
+        return real_dump(*args, **kwargs)
 
     monkeypatch.setattr(writer, "_write_item", spy_write)
-    monkeypatch.setattr(writer, "with_trailer", spy_trailer)
+    monkeypatch.setattr(writer, "dump_metadata", spy_dump)
     return seen
 
 

@@ -451,3 +451,24 @@ def test_tensor_properties_with_fields_a_newer_torch_appends(tmp_path, monkeypat
             assert type(read.state_dict_metadata[fqn].properties) is props_class, fqn
             assert read.state_dict_metadata[fqn].properties == item.properties, fqn
     assert_state_equal(state, load_into_zeros(path))
+
+
+def test_equal_sizes_are_pickled_once_and_read_as_one_object_by_stock_torch_too(tmp_path):
+    """Every tensor's size, chunk offsets and sizes and storage key offsets are alike here: the .metadata
+    holds one torch.Size per value, so unpickling (ours and plain pickle.load, as stock torch reads it)
+    builds one object per value, equal to what DCP planned."""
+    state = {f"norm.{i}": torch.randn(256) for i in range(50)}
+    state["w"] = torch.randn(4, 8)
+    dcp_save(state, FileSystemWriter(tmp_path))
+    raw = (tmp_path / ".metadata").read_bytes()
+    for metadata in (_safe_pickle.load_metadata(open(tmp_path / ".metadata", "rb"), "m"), pickle.loads(raw)):
+        norms = [metadata.state_dict_metadata[f"norm.{i}"] for i in range(50)]
+        assert {id(t.size) for t in norms} == {id(t.chunks[0].sizes) for t in norms}
+        assert len({id(t.size) for t in norms}) == 1 and norms[0].size == torch.Size([256])
+        offsets = {id(t.chunks[0].offsets) for t in norms}
+        offsets |= {id(i.offset) for i in metadata.storage_data if i.fqn.startswith("norm.")}
+        assert len(offsets) == 1  # also the 2-D tensor's offsets [0, 0] are a value of their own
+        assert metadata.state_dict_metadata["w"].chunks[0].offsets == torch.Size([0, 0])
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path))
+    assert_state_equal(state, out)
