@@ -24,6 +24,11 @@ def storage_bytes(storage: torch.UntypedStorage) -> memoryview:
     return _view(storage.data_ptr(), nbytes) if nbytes else memoryview(b"")
 
 
+def address_of(buffer: bytearray) -> int:
+    """Where ``buffer``'s bytes start; the caller keeps it alive and unresized."""
+    return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+
+
 def _view(address: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
 

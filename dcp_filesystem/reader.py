@@ -1,6 +1,7 @@
 """FileSystemReader: a StorageReader for checkpoints written by this package or by stock torch."""
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import _checksum, _compat, _safetensors
-from ._bytes import tensor_bytes, tensor_from_bytes
+from ._bytes import address_of, tensor_bytes, tensor_from_bytes
 from ._crc import crc32_combine
 from ._device_reads import DeviceReads
 from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, stored_as, transform_descriptors_of
@@ -77,16 +78,16 @@ class _DataFile:
             self.size = stream.tell()
         self.reads_at_once = reads_at_once
         self._headers: Dict[int, Optional[_safetensors.Header]] = {}
-        self._ahead_start = 0
+        self._ahead_start = self._ahead_address = 0
         self._ahead = memoryview(b"")
         self.device_reads = DeviceReads()  # pinned buffers for device targets, allocated on first use
 
     def read_ahead(self, start: int, end: int) -> None:
         start, end = max(start, 0), min(end, self.size)  # ranges outside the file fail where they are read
-        buffer = memoryview(bytearray(max(end - start, 0)))
+        buffer = bytearray(max(end - start, 0))
         self._ahead_start, self._ahead = 0, memoryview(b"")
-        got, _ = self.readinto_with_crc(start, buffer, False)
-        self._ahead_start, self._ahead = start, buffer[:got]
+        got, _ = self.readinto_with_crc(start, memoryview(buffer), False)
+        self._ahead_start, self._ahead, self._ahead_address = start, memoryview(buffer)[:got], address_of(buffer)
 
     def read_ahead_part(self, offset: int, length: int) -> Optional[memoryview]:
         """The bytes ``[offset, offset + length)`` where ``read_ahead`` holds them, else None."""
@@ -94,6 +95,10 @@ class _DataFile:
         if begin < 0 or begin + length > len(self._ahead):
             return None
         return self._ahead[begin : begin + length]
+
+    def copy_ahead(self, offset: int, length: int, address: int) -> None:
+        """Copy the bytes ``[offset, offset + length)``, which ``read_ahead_part`` holds, to ``address``."""
+        ctypes.memmove(address, self._ahead_address + offset - self._ahead_start, length)
 
     def readinto_at(self, offset: int, view: memoryview) -> int:
         return self.readinto_with_crc(offset, view, False)[0]
@@ -386,7 +391,7 @@ class FileSystemReader(StorageReader):
             return False
         if _checksum.stored_crc32(info) is not None:
             _checksum.check(data_file.name, _describe(req), info, crc32(part))
-        tensor_bytes(target)[:] = part
+        data_file.copy_ahead(info.offset, info.length, target.data_ptr())  # of its dtype and shape: its size
         return True
 
     def _plain_tensor(
