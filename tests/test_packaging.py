@@ -162,6 +162,6 @@ def test_demo_from_the_clone_is_bit_exact_and_verified(clone):
     ]
     assert rows[0][2] == rows[1][2] == rows[2][2]  # the same entries in every checkpoint
     # TORCH_SAVE data files are upstream's format byte for byte; our .metadata adds a CRC-32 per item
-    # (a few bytes each) and a 12-byte trailer.
-    assert 12 < int(rows[0][3]) - int(rows[2][3]) < 4096, (rows[0][3], rows[2][3])
+    # (a few bytes each) and a 12-byte trailer, and holds each torch.Size value once (upstream: each use).
+    assert 0 < abs(int(rows[0][3]) - int(rows[2][3])) < 8192, (rows[0][3], rows[2][3])
     assert lines[6:] == ["", "GB/s: one save and one load each; `make bench` takes medians of interleaved runs."]
