@@ -215,6 +215,7 @@ class _Template(NamedTuple):
     varying: Tuple[Tuple[str, int, int, int], ...]  # (name, data start, size, offset of its CRC-32)
     spec: _TensorSpec
     storage_start: int
+    plain: Optional[PlainTensor]  # its tensor as a plain run of bytes, where it is one
 
 
 _templates: Dict[int, _Template] = {}  # by archive size
@@ -234,27 +235,39 @@ def _make_template(payload: bytearray, members: Dict[str, _Member], spec: _Tenso
             fixed.append((position, bytes(payload[position:begin])))
         position = max(position, end)
     fixed.append((position, bytes(payload[position:])))
-    return _Template(tuple(fixed), tuple(varying), spec, members[storage].start)
+    member = members[storage]
+    plain = _plain(spec, member.start, member.size, 0, storage)
+    return _Template(tuple(fixed), tuple(varying), spec, member.start, plain)
 
 
-def _matching_template(payload: bytearray) -> Optional[_Template]:
-    template = _templates.get(len(payload))
+def _matching_template(data: bytearray, base: int, size: int) -> Optional[_Template]:
+    """The template of the ``size``-byte archive at ``data[base:]``, where it matches one (its varying
+    members' CRC-32s checked), else None."""
+    template = _templates.get(size)
     if template is None:
         return None
     for offset, expected in template.fixed:
-        if payload[offset : offset + len(expected)] != expected:
+        if not data.startswith(expected, base + offset):
             return None
-    view = memoryview(payload)
-    for name, start, size, crc_at in template.varying:
-        (crc,) = _CRC.unpack_from(payload, crc_at)
-        if crc and crc32(view[start : start + size]) != crc:
+    view = memoryview(data)
+    for name, start, length, crc_at in template.varying:
+        (crc,) = _CRC.unpack_from(data, base + crc_at)
+        if crc and crc32(view[base + start : base + start + length]) != crc:
             raise ValueError(crc_error(name))
     return template
 
 
+def plain_from_template(data: bytearray, base: int, size: int) -> Optional[PlainTensor]:
+    """The tensor of the ``size``-byte archive at ``data[base:]`` as a plain run of bytes (``start`` relative
+    to ``base``), where the archive is laid out like one decoded before and its tensor is plain; its members'
+    CRC-32s are checked. None otherwise."""
+    template = _matching_template(data, base, size)
+    return None if template is None else template.plain
+
+
 def load_tensor(payload: bytearray) -> torch.Tensor:
     """The tensor in a torch.save archive; it may share memory with ``payload``."""
-    template = _matching_template(payload)
+    template = _matching_template(payload, 0, len(payload))
     if template is not None:
         spec, start = template.spec, template.storage_start
     else:

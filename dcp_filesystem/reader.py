@@ -24,7 +24,14 @@ from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, 
 from ._gc import gc_paused
 from ._parallel import crc32, for_each, pread_into, preadv_descriptor, share_of_cores, worker_count
 from ._safe_pickle import load_metadata
-from ._torch_save import PlainTensor, crc_error, load_tensor, plain_storage, plain_storage_from_head
+from ._torch_save import (
+    PlainTensor,
+    crc_error,
+    load_tensor,
+    plain_from_template,
+    plain_storage,
+    plain_storage_from_head,
+)
 from .fs import FileSystem, FileSystemAttribute, PathLike
 from .transforms import ExtensionRegistry, _StorageReaderTransforms
 
@@ -79,6 +86,7 @@ class _DataFile:
         self.reads_at_once = reads_at_once
         self._headers: Dict[int, Optional[_safetensors.Header]] = {}
         self._ahead_start = self._ahead_address = 0
+        self.ahead_buffer = bytearray()  # what read_ahead holds: the file's bytes from _ahead_start
         self._ahead = memoryview(b"")
         self.device_reads = DeviceReads()  # pinned buffers for device targets, allocated on first use
 
@@ -87,18 +95,22 @@ class _DataFile:
         buffer = bytearray(max(end - start, 0))
         self._ahead_start, self._ahead = 0, memoryview(b"")
         got, _ = self.readinto_with_crc(start, memoryview(buffer), False)
-        self._ahead_start, self._ahead, self._ahead_address = start, memoryview(buffer)[:got], address_of(buffer)
+        self.ahead_buffer, self._ahead_address = buffer, address_of(buffer)
+        self._ahead_start, self._ahead = start, memoryview(buffer)[:got]
+
+    def ahead_index(self, offset: int, length: int) -> Optional[int]:
+        """Where the bytes ``[offset, offset + length)`` start in ``ahead_buffer``, where it holds them."""
+        begin = offset - self._ahead_start
+        return None if begin < 0 or begin + length > len(self._ahead) else begin
 
     def read_ahead_part(self, offset: int, length: int) -> Optional[memoryview]:
         """The bytes ``[offset, offset + length)`` where ``read_ahead`` holds them, else None."""
-        begin = offset - self._ahead_start
-        if begin < 0 or begin + length > len(self._ahead):
-            return None
-        return self._ahead[begin : begin + length]
+        begin = self.ahead_index(offset, length)
+        return None if begin is None else self._ahead[begin : begin + length]
 
-    def copy_ahead(self, offset: int, length: int, address: int) -> None:
-        """Copy the bytes ``[offset, offset + length)``, which ``read_ahead_part`` holds, to ``address``."""
-        ctypes.memmove(address, self._ahead_address + offset - self._ahead_start, length)
+    def copy_ahead(self, begin: int, length: int, address: int) -> None:
+        """Copy ``length`` bytes of ``ahead_buffer`` from index ``begin`` to ``address``."""
+        ctypes.memmove(address, self._ahead_address + begin, length)
 
     def readinto_at(self, offset: int, view: memoryview) -> int:
         return self.readinto_with_crc(offset, view, False)[0]
@@ -345,7 +357,7 @@ class FileSystemReader(StorageReader):
                 raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
             return
         target = planner.resolve_tensor(req).detach()
-        if not self._entry_from_memory(data_file, req, info, target):
+        if not self._item_from_memory(data_file, req, info, target):
             self._read_tensor(data_file, req, info, target)
         planner.commit_tensor(req, target)
 
@@ -375,23 +387,33 @@ class FileSystemReader(StorageReader):
             )
         target.copy_(tensor)
 
-    def _entry_from_memory(self, data_file: _DataFile, req: ReadItem, info: Any, target: torch.Tensor) -> bool:
-        """Fill a contiguous CPU ``target`` with a whole SAFETENSORS entry of this package whose bytes a
-        read-ahead holds; False, with nothing done, for any other item or target. The many small tensors of
-        a model take this way: it does per item only what such an entry needs (the general way costs more
-        per item than copying its bytes)."""
-        if not _safetensors.is_ours(info) or transform_descriptors_of(info) or any(req.storage_offsets):
+    def _item_from_memory(self, data_file: _DataFile, req: ReadItem, info: Any, target: torch.Tensor) -> bool:
+        """Fill a contiguous CPU ``target`` with a whole stored tensor whose bytes a read-ahead holds, where
+        they are a plain run of the target's dtype and shape: a SAFETENSORS entry of this package, or a
+        torch.save archive laid out like one decoded before. False, with nothing done but checks, for any
+        other item or target. The many small tensors of a model take this way: it does per item only what
+        such an item needs (the general way costs more per item than copying its bytes)."""
+        if transform_descriptors_of(info) or any(req.storage_offsets) or not target.is_cpu:
             return False
-        part = data_file.read_ahead_part(info.offset, info.length)
-        if part is None or not target.is_cpu or not target.is_contiguous():
-            return False
-        index = req.storage_index
-        entry = _safetensors.entry_from_metadata(info, self._tensors.get(index.fqn), index)
-        if entry is None or target.dtype != entry.dtype or tuple(target.size()) != entry.shape:
+        begin = data_file.ahead_index(info.offset, info.length)
+        if begin is None or not target.is_contiguous():
             return False
         if _checksum.stored_crc32(info) is not None:
-            _checksum.check(data_file.name, _describe(req), info, crc32(part))
-        data_file.copy_ahead(info.offset, info.length, target.data_ptr())  # of its dtype and shape: its size
+            crc = crc32(memoryview(data_file.ahead_buffer)[begin : begin + info.length])
+            _checksum.check(data_file.name, _describe(req), info, crc)
+        index = req.storage_index
+        if _safetensors.is_ours(info):
+            entry = _safetensors.entry_from_metadata(info, self._tensors.get(index.fqn), index)
+            plain = None if entry is None else (entry.dtype, entry.shape, 0)
+        else:
+            try:
+                found = plain_from_template(data_file.ahead_buffer, begin, info.length)
+            except ValueError as e:  # a member's CRC-32
+                raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
+            plain = None if found is None else (found.dtype, found.size, found.start)
+        if plain is None or target.dtype != plain[0] or tuple(target.size()) != plain[1]:
+            return False
+        data_file.copy_ahead(begin + plain[2], target.numel() * target.element_size(), target.data_ptr())
         return True
 
     def _plain_tensor(

@@ -55,7 +55,7 @@ def test_big_item_is_read_in_place_bit_exact(tmp_path, decoded, request, parts):
     dcp_load(out, FileSystemReader(tmp_path))
     assert out["big"] is target
     assert_state_equal(state, out)
-    assert decoded == ["small"]
+    assert "big" not in decoded  # "small" is decoded, or matches an archive decoded before
 
 
 def test_stock_torch_archive_is_read_in_place_too(tmp_path, decoded):
@@ -66,7 +66,7 @@ def test_stock_torch_archive_is_read_in_place_too(tmp_path, decoded):
     out = destination()
     dcp_load(out, FileSystemReader(tmp_path))
     assert_state_equal(state, out)
-    assert decoded == ["small"]
+    assert "big" not in decoded  # "small" is decoded, or matches an archive decoded before
 
 
 def _big_storage_range(path):
@@ -244,7 +244,7 @@ def test_streams_without_a_descriptor_are_read_in_place_and_crc_checked(tmp_path
     dcp_load(out, fs_reader)
     assert out["big"] is target
     assert_state_equal(state, out)
-    assert decoded == ["small"]
+    assert "big" not in decoded  # "small" is decoded, or matches an archive decoded before
 
     data_file, raw, _, start, size = _big_storage_range(tmp_path)
     raw[start + 5] ^= 0x01

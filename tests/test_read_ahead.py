@@ -1,7 +1,9 @@
 """Neighbouring small items are read in runs, one read call each, and served from memory."""
+import re
+
 import pytest
 import torch
-from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
+from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums, zeros_like_state
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, reader
@@ -50,9 +52,14 @@ def test_small_items_are_read_in_runs_bit_exact(tmp_path, reads, fmt):
     assert len(runs) <= small_bytes // RUN_BYTES + 2
 
 
-def test_a_damaged_item_inside_a_run_names_the_item(tmp_path):
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "older-without-checksums"])
+def test_a_damaged_item_inside_a_run_names_the_item(tmp_path, checksums):
+    """Its archive laid out like the 150 before it (served from memory by their template) or not: the
+    item's checksum, else its storage's zip CRC-32, names it; its destination is left as it was."""
     saved = state()
     dcp_save(saved, FileSystemWriter(tmp_path, serialization_format=SerializationFormat.TORCH_SAVE))
+    if not checksums:
+        strip_checksums(tmp_path)
     metadata = FileSystemReader(tmp_path).read_metadata()
     (info,) = [s for i, s in metadata.storage_data.items() if i.fqn == "norm.150"]
     data_file = tmp_path / info.relative_path
@@ -62,8 +69,15 @@ def test_a_damaged_item_inside_a_run_names_the_item(tmp_path):
     assert storage > info.offset
     raw[storage + 100] ^= 0xFF
     data_file.write_bytes(bytes(raw))
-    with pytest.raises(BaseException, match=r"item 'norm\.150' \(chunk at \[0\]\): checksum mismatch"):
-        dcp_load(zeros_like_state(saved), FileSystemReader(tmp_path))
+    loaded = zeros_like_state(saved)
+    why = (
+        r"item 'norm\.150' \(chunk at \[0\]\): checksum mismatch"
+        if checksums
+        else r"cannot read item 'norm\.150' \(chunk at \[0\]\): archive member '.+' fails its CRC-32 check"
+    )
+    with pytest.raises(BaseException, match=re.escape(data_file.name) + ": " + why):
+        dcp_load(loaded, FileSystemReader(tmp_path))
+    assert not loaded["norm.150"].any()
 
 
 def test_a_damaged_safetensors_entry_inside_a_run_names_the_item(tmp_path):
@@ -81,12 +95,17 @@ def test_a_damaged_safetensors_entry_inside_a_run_names_the_item(tmp_path):
     assert not loaded["norm.150"].any()  # the damaged bytes never reached the destination
 
 
-def test_safetensors_entries_from_a_run_fill_any_destination(tmp_path, monkeypatch):
-    """Entries served from a run's memory go straight into contiguous destinations of their dtype, and
-    through a decoded tensor into the others (strided, another dtype); every value lands."""
+@pytest.mark.parametrize("fmt", [SerializationFormat.SAFETENSORS, SerializationFormat.TORCH_SAVE])
+def test_items_from_a_run_fill_any_destination(tmp_path, monkeypatch, fmt):
+    """Items served from a run's memory (this package's SAFETENSORS entries; torch.save archives laid out
+    like one decoded before) go straight into contiguous destinations of their dtype, and through a
+    decoded tensor into the others (strided, another dtype); every value lands."""
+    from dcp_filesystem import _torch_save
+
     gen = torch.Generator().manual_seed(5)
     saved = {f"m.{i}": torch.randn(16, 8, generator=gen) for i in range(40)}
-    dcp_save(saved, FileSystemWriter(tmp_path, serialization_format=SerializationFormat.SAFETENSORS))
+    dcp_save(saved, FileSystemWriter(tmp_path, serialization_format=fmt))
+    monkeypatch.setattr(_torch_save, "_templates", {})  # m.0's archive is the first of its layout
     copied_whole = []
     real = reader._DataFile.copy_ahead
 
@@ -109,7 +128,8 @@ def test_safetensors_entries_from_a_run_fill_any_destination(tmp_path, monkeypat
         key = f"m.{i}"
         assert loaded[key].data_ptr() == targets[key]
         assert torch.equal(loaded[key], saved[key].to(loaded[key].dtype)), key
-    assert sorted(copied_whole) == sorted(targets[f"m.{i}"] for i in range(0, 40, 3))
+    first = 0 if fmt == SerializationFormat.SAFETENSORS else 3  # an archive is decoded once per layout
+    assert sorted(copied_whole) == sorted(targets[f"m.{i}"] for i in range(first, 40, 3))
 
 
 @pytest.mark.parametrize("fmt", [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS])
