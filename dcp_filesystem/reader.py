@@ -313,20 +313,26 @@ class FileSystemReader(StorageReader):
         locked_planner: _LockedPlanner,
         workers: int,
     ) -> None:
-        """Neighbouring large items of a local file, each read whole by one of ``workers`` threads; one after
-        another, each split across the cores, where one item holds more than its share."""
+        """Neighbouring large items of a local file, each read whole by one of ``workers`` threads, as many
+        as keep every worker busy to the end; the others one after another, each split across the cores (so
+        also all of them where one holds more than its share)."""
         workers = min(len(items), workers)
-        largest = max(info.length for _, info in items)
-        if workers == 1 or largest * workers > sum(info.length for _, info in items):
-            for req, info in items:
-                self._read_item(data_file, req, info, planner)
-            return
-        reads_at_once = data_file.reads_at_once
-        data_file.reads_at_once = reads_at_once * workers
-        try:
-            for_each(items, lambda item: self._read_item(data_file, item[0], item[1], locked_planner), workers, "items")
-        finally:
-            data_file.reads_at_once = reads_at_once
+        side_by_side = len(items) - len(items) % workers
+        largest = max(info.length for _, info in items[:side_by_side])
+        if workers > 1 and largest * workers <= sum(info.length for _, info in items[:side_by_side]):
+            reads_at_once = data_file.reads_at_once
+            data_file.reads_at_once = reads_at_once * workers
+            try:
+
+                def read(item: Tuple[ReadItem, Any]) -> None:
+                    self._read_item(data_file, *item, locked_planner)
+
+                for_each(items[:side_by_side], read, workers, "items")
+            finally:
+                data_file.reads_at_once = reads_at_once
+            items = items[side_by_side:]
+        for req, info in items:
+            self._read_item(data_file, req, info, planner)
 
     def _check_confined(self, relative_path: Any, req: ReadItem) -> None:
         """Refuse storage paths that leave the checkpoint directory (absolute, '..', or through a symlink)."""

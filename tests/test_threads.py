@@ -197,6 +197,24 @@ def test_an_item_larger_than_its_share_is_split_across_the_cores(tmp_path, two_c
     assert halves == [3 * MiB // 2, 3 * MiB // 2]
 
 
+def test_items_that_would_leave_a_core_idle_are_split_across_the_cores(tmp_path, two_cores):
+    """Five 1 MiB items on two cores: four side by side, the fifth alone would leave a core idle, so it is
+    read after them on the calling thread, split in two."""
+    state = {f"w{i}": torch.randn(MiB // 4) for i in range(5)}
+    dcp_save(state, FileSystemWriter(tmp_path))
+    out = zeros_like_state(state)
+    dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
+    assert_state_equal(state, out)
+    resolved = two_cores["resolved"]
+    assert len({resolved[f"w{i}"][0] for i in range(4)}) == 2
+    assert resolved["w4"] == [threading.current_thread().name]
+    offset, length = storage_range(tmp_path, "w4")
+    assert [n for o, n in two_cores["parts"] if offset <= o < offset + length and n >= MiB // 4] == [MiB // 2] * 2
+    for i in range(4):
+        offset, length = storage_range(tmp_path, f"w{i}")
+        assert MiB in [n for o, n in two_cores["parts"] if offset <= o < offset + length]
+
+
 def test_with_an_accelerator_started_items_are_read_by_the_files_thread(tmp_path, two_cores, monkeypatch):
     """Device targets are filled on the thread whose current streams the copies follow."""
     monkeypatch.setattr(reader._compat, "accelerator_started", lambda: True)
