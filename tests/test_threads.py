@@ -125,12 +125,21 @@ def test_ctrl_c_while_threads_start_waits_for_the_started_ones(monkeypatch):
 @pytest.fixture
 def two_cores(monkeypatch):
     """Two cores, 64 KiB parts (a read of 128 KiB and up is split across them), no accelerator started;
-    records the thread that resolves each tensor and every positioned read of a part, by offset."""
+    records the thread that resolves each tensor, every positioned read of a part, by offset, and the items
+    handed to each side-by-side job with its thread count (which thread takes which item is the
+    scheduler's choice: on a busy machine one thread may take them all)."""
     monkeypatch.setattr(_parallel, "_cores", lambda: 2)
     monkeypatch.setattr(_parallel, "_PART_BYTES", 64 << 10)
     monkeypatch.setattr(reader._compat, "accelerator_started", lambda: False)
-    seen = {"resolved": {}, "committed": [], "parts": []}
-    real_range = _parallel._pread_range
+    seen = {"resolved": {}, "committed": [], "parts": [], "side_by_side": []}
+    real_range, real_for_each = _parallel._pread_range, reader.for_each
+
+    def for_each(items, work, threads, name):
+        if name == "items":
+            seen["side_by_side"].append(([req.storage_index.fqn for req, _ in items], threads))
+        real_for_each(items, work, threads, name)
+
+    monkeypatch.setattr(reader, "for_each", for_each)
 
     def pread_range(fd, offset, view, with_crc):
         seen["parts"].append((offset, len(view)))
@@ -172,11 +181,11 @@ def test_neighbouring_large_items_are_read_side_by_side_each_whole(tmp_path, two
     dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
     assert_state_equal(state, out)
     big = [f"w{i}" for i in range(6)]
-    # Each tensor resolved and committed once; the large ones on both threads, each read by one call.
+    # Each tensor resolved and committed once; the large ones given to two threads, each read by one call.
     assert sorted(two_cores["resolved"]) == sorted(state)
     assert all(len(threads) == 1 for threads in two_cores["resolved"].values())
     assert sorted(two_cores["committed"]) == sorted(two_cores["resolved"])
-    assert len({two_cores["resolved"][fqn][0] for fqn in big}) == 2
+    assert two_cores["side_by_side"] == [(big, 2)]
     for fqn in big:
         offset, length = storage_range(tmp_path, fqn)
         inside = [(o, n) for o, n in two_cores["parts"] if offset <= o < offset + length]
@@ -192,6 +201,7 @@ def test_an_item_larger_than_its_share_is_split_across_the_cores(tmp_path, two_c
     dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
     assert_state_equal(state, out)
     assert {t for threads in two_cores["resolved"].values() for t in threads} == {threading.current_thread().name}
+    assert two_cores["side_by_side"] == []
     offset, length = storage_range(tmp_path, "a")
     halves = [n for o, n in two_cores["parts"] if offset <= o < offset + length and n >= MiB]
     assert halves == [3 * MiB // 2, 3 * MiB // 2]
@@ -205,9 +215,8 @@ def test_items_that_would_leave_a_core_idle_are_split_across_the_cores(tmp_path,
     out = zeros_like_state(state)
     dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
     assert_state_equal(state, out)
-    resolved = two_cores["resolved"]
-    assert len({resolved[f"w{i}"][0] for i in range(4)}) == 2
-    assert resolved["w4"] == [threading.current_thread().name]
+    assert two_cores["side_by_side"] == [([f"w{i}" for i in range(4)], 2)]
+    assert two_cores["resolved"]["w4"] == [threading.current_thread().name]
     offset, length = storage_range(tmp_path, "w4")
     assert [n for o, n in two_cores["parts"] if offset <= o < offset + length and n >= MiB // 4] == [MiB // 2] * 2
     for i in range(4):
@@ -224,6 +233,7 @@ def test_with_an_accelerator_started_items_are_read_by_the_files_thread(tmp_path
     dcp_load(out, FileSystemReader(tmp_path), planner=recording_planner(two_cores))
     assert_state_equal(state, out)
     assert {t for threads in two_cores["resolved"].values() for t in threads} == {threading.current_thread().name}
+    assert two_cores["side_by_side"] == []
 
 
 def test_a_damaged_item_read_side_by_side_names_the_item(tmp_path, two_cores):
@@ -239,7 +249,7 @@ def test_a_damaged_item_read_side_by_side_names_the_item(tmp_path, two_cores):
     error = raised_error(caught.value)
     assert isinstance(error, ValueError)
     assert str(error).startswith(f"{data_file}: item 'w2' (chunk at [0]): checksum mismatch")
-    assert len({two_cores["resolved"][fqn][0] for fqn in two_cores["resolved"]}) == 2  # it was read side by side
+    assert two_cores["side_by_side"] == [([f"w{i}" for i in range(4)], 2)]  # it was read side by side
 
 
 def test_asking_whether_an_accelerator_started_starts_none(tmp_path):
