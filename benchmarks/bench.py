@@ -528,6 +528,7 @@ def run_workload(name, sd, cases, repeats, root, results, progress, cold=False):
             "payload_bytes": payload, "seconds": seconds, "median_s": median,
             "gb_per_s": payload / 1e9 / median if median else None,
             "storage_s": statistics.median(inside) if inside else None,
+            "storage_seconds": [i for _, _, i in runs],
             "outside_storage_s": statistics.median(outside) if outside else None,
             "peak_rss_mib": max(m for _, m, _ in runs) / MiB if runs else None,
             "error": failed.get(case) if op == "load" else None,
@@ -554,6 +555,102 @@ def add_ratios(rows):
         r["ceiling_vs_stock"] = stock["median_s"] / outside if stock and stock["median_s"] and outside else None
 
 
+# ---------------------------------------------------------------- targets
+STOCK, SAFETENSORS_LIB = "stock torch_save", "safetensors save_file/safe_open"
+TORCH_LOAD_MMAP = "torch.save/torch.load mmap"
+OURS_TS, OURS_ST = "dcp_filesystem torch_save", "dcp_filesystem safetensors"
+RSS_GOAL_MIB = 64
+
+
+class Target:
+    """A speed goal: ours (the storage layer's time where ``storage``, else the whole op) against a peer
+    row of the same op, as ours/peer where ``at_most``, else peer/ours (how many times faster)."""
+
+    def __init__(self, what, ours, op, cold, peer, goal, at_most, storage=False, syncs=(True, False)):
+        self.what, self.ours, self.op, self.cold, self.peer = what, ours, op, cold, peer
+        self.goal, self.at_most, self.storage, self.syncs = goal, at_most, storage, syncs
+
+    def ratio(self, ours_s, peer_s):
+        return ours_s / peer_s if self.at_most else peer_s / ours_s
+
+
+TARGETS = (
+    Target("SAFETENSORS load (warm), storage layer / safetensors library", (OURS_ST,), "load", False, SAFETENSORS_LIB,
+           1.0, True, storage=True),
+    Target("cold load / raw cold read", (OURS_TS, OURS_ST), "load", True, "raw", 1.1, True),
+    Target("SAFETENSORS save, storage layer / save_file + fsync", (OURS_ST,), "save", False, SAFETENSORS_LIB,
+           1.0, True, storage=True, syncs=(True,)),
+    Target("TORCH_SAVE load (warm), x stock", (OURS_TS,), "load", False, STOCK, 4.0, False),
+    Target("TORCH_SAVE load (warm), x torch.load(mmap=True) + copy", (OURS_TS,), "load", False, TORCH_LOAD_MMAP,
+           1.0, False),
+    Target("TORCH_SAVE save, x stock", (OURS_TS,), "save", False, STOCK, 1.5, False),
+)
+
+
+def target_rows(rows):
+    """Each target of TARGETS on summary_workload's rows, one entry per row of ours it covers: the ratios of
+    each repeat (ours and the peer ran in the same repeat), their median, and the ratio ours would reach if
+    its storage layer took as long as raw I/O of the same bytes; then the extra peak RSS of all our rows."""
+    workload = summary_workload(rows)
+
+    def find(variant, op, cold, sync, threads):
+        for r in rows:
+            if (r["workload"], r["variant"], r["op"], bool(r.get("cold")), r["sync"]) == (
+                    workload, variant, op, cold, sync) and r["threads"] in (threads, None):
+                return r
+        return None
+
+    out = []
+    for t in TARGETS:
+        for variant in t.ours:
+            for sync in t.syncs:
+                for threads in (1, 2):
+                    ours, peer = find(variant, t.op, t.cold, sync, threads), find(t.peer, t.op, t.cold, sync, 1)
+                    raw = find("raw", t.op, t.cold, sync, 1)
+                    if not (ours and peer and ours["median_s"] and peer["median_s"]) or ours["error"] or peer["error"]:
+                        continue
+                    mine = ours["storage_seconds"] if t.storage else ours["seconds"]
+                    ratios = [t.ratio(a, b) for a, b in zip(mine, peer["seconds"]) if a is not None]
+                    if not ratios:
+                        continue
+                    at_raw = None
+                    if raw and raw["median_s"] and (t.storage or ours["outside_storage_s"] is not None):
+                        at_raw = t.ratio(raw["median_s"] + (0 if t.storage else ours["outside_storage_s"]),
+                                         peer["median_s"])
+                    median = statistics.median(ratios)
+                    out.append({"target": t, "variant": variant, "sync": sync, "threads": threads,
+                                "ratios": ratios, "median": median, "at_raw_speed": at_raw,
+                                "met": median <= t.goal if t.at_most else median >= t.goal})
+    rss = [r["peak_rss_mib"] for r in rows if r["workload"] == workload and r["variant"] in (OURS_TS, OURS_ST)
+           and r["peak_rss_mib"] is not None]
+    if rss:
+        out.append({"target": None, "rss_mib": max(rss), "met": max(rss) <= RSS_GOAL_MIB})
+    return out
+
+
+def targets_table(rows):
+    """target_rows as Markdown: the goal, the median of the per-repeat ratios and their range."""
+    lines = ["| target | variant | sync | threads | goal | median | range | at raw speed | met |",
+             "|---|---|---|---:|---|---:|---|---:|---|"]
+    for e in target_rows(rows):
+        t, met = e["target"], "yes" if e["met"] else "no"
+        if t is None:
+            lines.append(f"| extra peak RSS, any save or load of ours (MiB) | all | - | - | <= {RSS_GOAL_MIB} "
+                         f"| {e['rss_mib']:.0f} | - | - | {met} |")
+            continue
+        lines.append(f"| {t.what} | {e['variant'].split(' ', 1)[1]} | {e['sync']} | {e['threads']} "
+                     f"| {'<=' if t.at_most else '>='} {t.goal:.1f} | {e['median']:.2f} "
+                     f"| {min(e['ratios']):.2f}-{max(e['ratios']):.2f} | {fmt(e['at_raw_speed'], '.2f')} | {met} |")
+    return "\n".join(lines)
+
+
+TARGETS_NOTE = ("Each goal on the summary workload's rows: \"median\" is the median of the ratios of each repeat "
+                "(ours and the peer ran in the same repeat), \"range\" their smallest and largest; \"storage "
+                "layer\" goals take only the time inside our writer's or reader's methods. \"at raw speed\": the "
+                "ratio ours would reach if its storage layer took as long as the raw row (the same bytes in one "
+                "file, written and fsync'd or read, in 64 MiB calls on one thread), DCP's own time unchanged.")
+
+
 # ---------------------------------------------------------------- report
 def terminal_progress():
     """A function that shows one line of progress on stderr, overwriting the last ("" clears it)."""
@@ -571,12 +668,13 @@ def fmt(x, spec):
 
 
 def markdown(header, rows):
-    """What a run prints: a title line, then full_table's notes and table, and the before/after table of a
-    run with a baseline."""
+    """What a run prints: a title line, then full_table's notes and table, the targets, and the before/after
+    table of a run with a baseline."""
     return "\n".join([f"# dcp_filesystem benchmark — {header['date']}", "",
                       f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
                       f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
-                      full_table(header, rows)] + baseline_table(header, rows))
+                      full_table(header, rows), "", "## Targets", "", TARGETS_NOTE, "", targets_table(rows)]
+                     + baseline_table(header, rows))
 
 
 def baseline_table(header, rows):
@@ -638,11 +736,10 @@ def full_table(header, rows):
 RESULTS_MD = os.path.join("benchmarks", "RESULTS.md")
 CHART_PNG = os.path.join("benchmarks", "summary.png")
 SUMMARY_START, SUMMARY_END = ".. bench-summary-start", ".. bench-summary-end"
-STOCK, SAFETENSORS_LIB = "stock torch_save", "safetensors save_file/safe_open"
 # (variant of the result rows, its name in the summary): ours in both formats, stock DCP, the safetensors library
 SUMMARY_VARIANTS = (
-    ("dcp_filesystem torch_save", "dcp_filesystem TORCH_SAVE"),
-    ("dcp_filesystem safetensors", "dcp_filesystem SAFETENSORS"),
+    (OURS_TS, "dcp_filesystem TORCH_SAVE"),
+    (OURS_ST, "dcp_filesystem SAFETENSORS"),
     (STOCK, "stock DCP TORCH_SAVE"),
     (SAFETENSORS_LIB, "safetensors library"),
 )
@@ -743,7 +840,8 @@ def machine(scratch):
 
 
 def results_markdown(header, rows):
-    """benchmarks/RESULTS.md: the run (command, date, machine, versions), the README's summary, every row."""
+    """benchmarks/RESULTS.md: the run (command, date, machine, versions), the README's summary, the targets,
+    every row."""
     m = header.get("machine", {})
     lines = ["# dcp_filesystem benchmark results", ""]
     if header.get("quick"):
@@ -770,6 +868,12 @@ def results_markdown(header, rows):
         md_table(SUMMARY_COLUMNS, summary_cells(summary_rows(rows))),
         "",
         "![summary](summary.png)",
+        "",
+        "## Targets",
+        "",
+        TARGETS_NOTE,
+        "",
+        targets_table(rows),
         "",
         "## All rows",
         "",

@@ -359,7 +359,7 @@ def test_write_docs_replaces_only_the_summary(bench, tmp_path, capsys):
         ("dcp_filesystem torch_save", 50.0), ("stock torch_save", 100.0))]
     for r in rows:
         r.update(storage_s=None, outside_storage_s=None, vs_stock=None, vs_raw=None, ceiling_vs_stock=None,
-                 peak_rss_mib=0)
+                 peak_rss_mib=0, seconds=[r["median_s"]] * 3, storage_seconds=[None] * 3)
     bench.write_docs(fake_header(quick=True), rows, repo=str(tmp_path))
     written = (tmp_path / "README.rst").read_text(encoding="utf-8")
     start, end = bench.SUMMARY_START + "\n", bench.SUMMARY_END + "\n"
