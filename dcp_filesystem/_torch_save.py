@@ -494,17 +494,43 @@ def _write_template(layout: _Layout, pickled: bytes, nbytes: int, sid_len: int) 
 _HOLE_NAMES = ((_ARCHIVE + _STORAGE_RECORD).encode(), (_ARCHIVE + _SERIALIZATION_ID).encode())
 
 
+_PICKLES = 1024
+_pickles: Dict[Tuple[Any, ...], bytes] = {}
+
+
+def _pickled(tensor: torch.Tensor) -> bytes:
+    """The tensor's data.pkl. A plain tensor's is made of the values in ``key`` alone, so it is pickled once
+    per key (the Pickler takes ~17 us a tensor; checkpoints hold thousands of small ones); one with
+    Python attributes or backward hooks (which torch.save warns about) is pickled every time."""
+    key = None
+    if not tensor.__dict__ and not tensor._backward_hooks:
+        metadata = tuple(sorted(torch._utils.get_tensor_metadata(tensor).items()))  # the conj and neg bits
+        nbytes = tensor.untyped_storage().nbytes()
+        key = (tensor.dtype, nbytes, tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.requires_grad,
+               metadata)
+        found = _pickles.get(key)
+        if found is not None:
+            return found
+    out = io.BytesIO()
+    _Pickler(out, protocol=2).dump(tensor)
+    pickled = out.getvalue()
+    if key is not None:
+        if len(_pickles) >= _PICKLES:
+            _pickles.clear()
+        _pickles[key] = pickled
+    return pickled
+
+
 def _write_archive(tensor: torch.Tensor, stream: IO[bytes], layout: _Layout, serialization_id: bytes) -> None:
-    pickled = io.BytesIO()
-    _Pickler(pickled, protocol=2).dump(tensor)
+    pickled = _pickled(tensor)
     storage = storage_bytes(tensor.untyped_storage())
     if len(storage) >= _LARGE_RECORD_BYTES:
         archive = _Archive(stream, layout)
-        _add_records(archive, layout, memoryview(pickled.getvalue()), storage, serialization_id)
+        _add_records(archive, layout, memoryview(pickled), storage, serialization_id)
         archive.close()
         return
     # A small archive: the one built before for this data.pkl and size, its holes filled, in one write.
-    template = _write_template(layout, pickled.getvalue(), len(storage), len(serialization_id))
+    template = _write_template(layout, pickled, len(storage), len(serialization_id))
     data = bytearray(template.data)
     for (begin, end, crc_places), filling in zip(template.holes, (storage, serialization_id)):
         data[begin:end] = filling

@@ -163,3 +163,48 @@ def test_small_archives_without_crc_have_zero_fields(monkeypatch):
         with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:
             assert {info.CRC for info in archive.infolist()} == {0}
         assert torch.equal(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), torch.full((8,), value))
+
+
+def _hooked(tensor):
+    tensor = tensor.clone().requires_grad_()
+    tensor.register_hook(lambda grad: grad)
+    return tensor
+
+
+def _with_attribute(tensor):
+    tensor = tensor.clone()
+    tensor.note = "kept by torch.save"
+    return tensor
+
+
+@pytest.mark.filterwarnings("ignore:backward hook")
+def test_each_pickled_value_of_a_tensor_is_in_its_data_pkl():
+    """data.pkl is pickled once per dtype, storage size, offset, shape, stride, requires_grad and conj/neg bits:
+    a tensor differing from one before in any of these, or with Python attributes or hooks, still gets the
+    bytes torch.save writes for it."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, generator=gen)
+    numbers = torch.randn(4, 3, generator=gen, dtype=torch.complex64)
+    tensors = [
+        base, base.clone(), base.to(torch.float64), base[1:], base[:, 1:], base.t(), base.reshape(6, 4),
+        base.clone().requires_grad_(), torch.randn(5, 6, generator=gen)[:4],  # a larger storage
+        numbers, numbers.conj(), numbers.imag, numbers.conj().imag,  # conj bit, neg bit
+        _with_attribute(base), _hooked(base),
+    ]
+    for tensor in tensors + tensors:
+        reference = _torch_save_bytes(tensor)
+        assert _ours_with_id_of(tensor, reference) == reference
+
+
+@pytest.mark.filterwarnings("ignore:backward hook")
+def test_tensors_alike_are_pickled_once(monkeypatch):
+    _torch_save._torch_save_layout()
+    monkeypatch.setattr(_torch_save, "_pickles", {})
+    pickled = []
+    real_dump = _torch_save._Pickler.dump
+    monkeypatch.setattr(_torch_save._Pickler, "dump", lambda self, obj: pickled.append(obj) or real_dump(self, obj))
+    alike = [torch.full((8,), float(i)) for i in range(5)]
+    others = [_with_attribute(alike[0]), _hooked(alike[0])]
+    for tensor in alike + others + others:
+        _torch_save.save_tensor(tensor, io.BytesIO())
+    assert [id(t) for t in pickled] == [id(alike[0])] + [id(t) for t in others + others]
