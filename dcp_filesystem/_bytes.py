@@ -51,4 +51,4 @@ def chunk_nbytes(item: Any) -> int:
     numel = 1
     for size in item.tensor_data.chunk.sizes:
         numel *= size
-    return numel * torch._utils._element_size(item.tensor_data.properties.dtype)
+    return numel * item.tensor_data.properties.dtype.itemsize

@@ -40,7 +40,7 @@ def _entries(metadata: Metadata) -> List[Dict[str, Any]]:
     for fqn, item in sorted(metadata.state_dict_metadata.items()):
         if isinstance(item, TensorStorageMetadata):
             dtype = item.properties.dtype
-            element_size = torch._utils._element_size(dtype)
+            element_size = dtype.itemsize
             row = {
                 "kind": "tensor",
                 "dtype": str(dtype).replace("torch.", ""),

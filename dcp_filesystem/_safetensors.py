@@ -169,7 +169,7 @@ def read_header(
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{where}: safetensors entry {key!r} is malformed: {info!r}") from None
-        nbytes = _numel(shape) * torch._utils._element_size(dtype)
+        nbytes = _numel(shape) * dtype.itemsize
         if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > size:
             raise ValueError(
                 f"{where}: safetensors entry {key!r} has offsets {[begin, end]} that do not fit "

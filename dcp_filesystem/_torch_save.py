@@ -197,7 +197,7 @@ def _tensor_spec(read: _Read, members: Dict[str, _Member]) -> Tuple[_TensorSpec,
     storage = spec.storage
     name = f"{prefix}data/{storage.key}"
     size = members[name].size if name in members else -1
-    if size != storage.numel * torch._utils._element_size(storage.dtype):
+    if size != storage.numel * storage.dtype.itemsize:
         raise ValueError(f"storage record {storage.key!r} has {size} bytes, expected {storage.numel} elements")
     return spec, name
 
@@ -360,7 +360,7 @@ def plain_storage_from_head(head: memoryview) -> Optional[PlainTensor]:
     if not isinstance(spec, _TensorSpec):
         return None
     record = (name[: -len("data.pkl")] + "data/" + spec.storage.key).encode()
-    nbytes = spec.storage.numel * torch._utils._element_size(spec.storage.dtype)
+    nbytes = spec.storage.numel * spec.storage.dtype.itemsize
     at = data.find(ZIP_MAGIC, name_end)
     while 0 <= at <= len(data) - _LOCAL_HEADER.size:
         fields = _LOCAL_HEADER.unpack_from(data, at)

@@ -55,7 +55,7 @@ def _item_size(item: WriteItem) -> int:
     size = 1
     for s in item.tensor_data.size:
         size *= s
-    return size * torch._utils._element_size(item.tensor_data.properties.dtype)
+    return size * item.tensor_data.properties.dtype.itemsize
 
 
 def _split_by_size_and_type(bins: int, items: List[WriteItem]) -> List[List[WriteItem]]:
