@@ -564,7 +564,8 @@ RSS_GOAL_MIB = 64
 
 class Target:
     """A speed goal: ours (the storage layer's time where ``storage``, else the whole op) against a peer
-    row of the same op, as ours/peer where ``at_most``, else peer/ours (how many times faster)."""
+    row of the same op (stock DCP's at the same thread_count), as ours/peer where ``at_most``, else
+    peer/ours (how many times faster)."""
 
     def __init__(self, what, ours, op, cold, peer, goal, at_most, storage=False, syncs=(True, False)):
         self.what, self.ours, self.op, self.cold, self.peer = what, ours, op, cold, peer
@@ -605,7 +606,7 @@ def target_rows(rows):
         for variant in t.ours:
             for sync in t.syncs:
                 for threads in (1, 2):
-                    ours, peer = find(variant, t.op, t.cold, sync, threads), find(t.peer, t.op, t.cold, sync, 1)
+                    ours, peer = find(variant, t.op, t.cold, sync, threads), find(t.peer, t.op, t.cold, sync, threads)
                     raw = find("raw", t.op, t.cold, sync, 1)
                     if not (ours and peer and ours["median_s"] and peer["median_s"]) or ours["error"] or peer["error"]:
                         continue
