@@ -246,6 +246,20 @@ def test_summary_table_is_the_one_in_results_md(bench):
     assert 6 <= len(rows) <= 12
 
 
+def test_the_introductions_speedups_are_the_summarys(bench):
+    """The first paragraph's "N× faster than stock torch" figures are the summary's "x stock DCP" column, rounded."""
+    intro = " ".join(read("README.rst").split("\n\n")[1].split())
+    _, _, rows = readme_summary(bench)
+    shown = {(op, variant): vs_stock for op, variant, _, _, vs_stock, _ in rows}
+
+    def figure(op, fmt):
+        return f"{float(shown[(op, 'dcp_filesystem ' + fmt)]):.1f}×"
+
+    assert (f"loads {figure('load warm', 'TORCH_SAVE')} (TORCH_SAVE) and {figure('load warm', 'SAFETENSORS')} "
+            f"(SAFETENSORS) faster than stock torch and saves {figure('save', 'TORCH_SAVE')} and "
+            f"{figure('save', 'SAFETENSORS')} faster") in intro, intro
+
+
 def test_chart_comes_from_the_same_run(bench):
     caption, header, rows = readme_summary(bench)
     drawn = json.loads(png_text(os.path.join(REPO, bench.CHART_PNG))["Description"])
