@@ -498,16 +498,15 @@ _PICKLES = 1024
 _pickles: Dict[Tuple[Any, ...], bytes] = {}
 
 
-def _pickled(tensor: torch.Tensor) -> bytes:
+def _pickled(tensor: torch.Tensor, storage_nbytes: int) -> bytes:
     """The tensor's data.pkl. A plain tensor's is made of the values in ``key`` alone, so it is pickled once
     per key (the Pickler takes ~17 us a tensor; checkpoints hold thousands of small ones); one with
     Python attributes or backward hooks (which torch.save warns about) is pickled every time."""
     key = None
     if not tensor.__dict__ and not tensor._backward_hooks:
         metadata = tuple(sorted(torch._utils.get_tensor_metadata(tensor).items()))  # the conj and neg bits
-        nbytes = tensor.untyped_storage().nbytes()
-        key = (tensor.dtype, nbytes, tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.requires_grad,
-               metadata)
+        key = (tensor.dtype, storage_nbytes, tensor.storage_offset(), tensor.shape, tensor.stride(),
+               tensor.requires_grad, metadata)
         found = _pickles.get(key)
         if found is not None:
             return found
@@ -522,8 +521,8 @@ def _pickled(tensor: torch.Tensor) -> bytes:
 
 
 def _write_archive(tensor: torch.Tensor, stream: IO[bytes], layout: _Layout, serialization_id: bytes) -> None:
-    pickled = _pickled(tensor)
     storage = storage_bytes(tensor.untyped_storage())
+    pickled = _pickled(tensor, len(storage))
     if len(storage) >= _LARGE_RECORD_BYTES:
         archive = _Archive(stream, layout)
         _add_records(archive, layout, memoryview(pickled), storage, serialization_id)
