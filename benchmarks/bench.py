@@ -27,6 +27,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import typing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -535,20 +536,27 @@ def run_workload(name, sd, cases, repeats, root, results, progress, cold=False):
         })
 
 
+STOCK, SAFETENSORS_LIB = "stock torch_save", "safetensors save_file/safe_open"
+TORCH_LOAD_MMAP = "torch.save/torch.load mmap"
+OURS_TS, OURS_ST = "dcp_filesystem torch_save", "dcp_filesystem safetensors"
+
+
+def find_row(rows, workload, op, cold, variant, sync, threads):
+    """The row of that case, or None; a row without a thread count (peers, raw) matches any ``threads``."""
+    for r in rows:
+        if (r["workload"], r["op"], bool(r.get("cold")), r["variant"], r["sync"]) == (
+                workload, op, cold, variant, sync) and r["threads"] in (threads, None):
+            return r
+    return None
+
+
 def add_ratios(rows):
     """vs stock / vs raw: throughput ratios. ceiling: stock's time over this row's time outside the
     storage layer, the ratio to stock that a storage layer taking no time at all would reach."""
-    def find(workload, op, cold, variant, sync, threads):
-        key = (workload, op, cold, variant, sync, threads)
-        for r in rows:
-            if (r["workload"], r["op"], r.get("cold", False), r["variant"], r["sync"], r["threads"]) == key:
-                return r
-        return None
-
     for r in rows:
-        key = (r["workload"], r["op"], r.get("cold", False))
-        stock = find(*key, "stock torch_save", r["sync"], r["threads"]) if r["threads"] else None
-        raw = find(*key, "raw", r["sync"], None)
+        key = (rows, r["workload"], r["op"], bool(r.get("cold")))
+        stock = find_row(*key, STOCK, r["sync"], r["threads"]) if r["threads"] else None
+        raw = find_row(*key, "raw", r["sync"], None)
         r["vs_stock"] = r["gb_per_s"] / stock["gb_per_s"] if r["gb_per_s"] and stock and stock["gb_per_s"] else None
         r["vs_raw"] = r["gb_per_s"] / raw["gb_per_s"] if r["gb_per_s"] and raw and raw["gb_per_s"] else None
         outside = r["outside_storage_s"]
@@ -556,20 +564,23 @@ def add_ratios(rows):
 
 
 # ---------------------------------------------------------------- targets
-STOCK, SAFETENSORS_LIB = "stock torch_save", "safetensors save_file/safe_open"
-TORCH_LOAD_MMAP = "torch.save/torch.load mmap"
-OURS_TS, OURS_ST = "dcp_filesystem torch_save", "dcp_filesystem safetensors"
 RSS_GOAL_MIB = 64
 
 
-class Target:
+class Target(typing.NamedTuple):
     """A speed goal: ours (the storage layer's time where ``storage``, else the whole op) against a peer
     row of the same op (stock DCP's at the same thread_count), as ours/peer where ``at_most``, else
     peer/ours (how many times faster)."""
 
-    def __init__(self, what, ours, op, cold, peer, goal, at_most, storage=False, syncs=(True, False)):
-        self.what, self.ours, self.op, self.cold, self.peer = what, ours, op, cold, peer
-        self.goal, self.at_most, self.storage, self.syncs = goal, at_most, storage, syncs
+    what: str
+    ours: tuple
+    op: str
+    cold: bool
+    peer: str
+    goal: float
+    at_most: bool
+    storage: bool = False
+    syncs: tuple = (True, False)
 
     def ratio(self, ours_s, peer_s):
         return ours_s / peer_s if self.at_most else peer_s / ours_s
@@ -593,21 +604,14 @@ def target_rows(rows):
     each repeat (ours and the peer ran in the same repeat), their median, and the ratio ours would reach if
     its storage layer took as long as raw I/O of the same bytes; then the extra peak RSS of all our rows."""
     workload = summary_workload(rows)
-
-    def find(variant, op, cold, sync, threads):
-        for r in rows:
-            if (r["workload"], r["variant"], r["op"], bool(r.get("cold")), r["sync"]) == (
-                    workload, variant, op, cold, sync) and r["threads"] in (threads, None):
-                return r
-        return None
-
     out = []
     for t in TARGETS:
         for variant in t.ours:
             for sync in t.syncs:
                 for threads in (1, 2):
-                    ours, peer = find(variant, t.op, t.cold, sync, threads), find(t.peer, t.op, t.cold, sync, threads)
-                    raw = find("raw", t.op, t.cold, sync, 1)
+                    case = (rows, workload, t.op, t.cold)
+                    ours, peer = find_row(*case, variant, sync, threads), find_row(*case, t.peer, sync, threads)
+                    raw = find_row(*case, "raw", sync, 1)
                     if not (ours and peer and ours["median_s"] and peer["median_s"]) or ours["error"] or peer["error"]:
                         continue
                     mine = ours["storage_seconds"] if t.storage else ours["seconds"]
@@ -763,11 +767,7 @@ def summary_rows(rows):
     workload = summary_workload(rows)
 
     def find(op, cold, variant):
-        for r in rows:
-            if (r["workload"], r["op"], bool(r.get("cold")), r["variant"], r["sync"]) == (
-                    workload, op, cold, variant, True) and r["threads"] in (1, None):
-                return r
-        return None
+        return find_row(rows, workload, op, cold, variant, True, 1)
 
     def speedup(base, r):
         ok = base and r and base["median_s"] and r["median_s"] and not base["error"] and not r["error"]
