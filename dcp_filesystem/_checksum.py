@@ -47,13 +47,16 @@ def record_crc32(info: Any, crc: int) -> None:
     setattr(info, _FIELD, crc)
 
 
-def check(name: str, item: str, info: Any, crc: int) -> None:
-    """Raise if the item's stored bytes, whose CRC-32 is ``crc``, are not what was written."""
+def check(name: str, index: Any, info: Any, crc: int) -> None:
+    """Raise if the stored bytes of the item ``index`` (a MetadataIndex), whose CRC-32 is ``crc``, are not
+    what was written."""
     expected = stored_crc32(info)
     if expected is not None and expected != crc:
+        from ._format import describe_item  # named only here, where it fails: _format imports this module
+
         raise ValueError(
-            f"{name}: item {item}: checksum mismatch: its {info.length} stored bytes at offset {info.offset} "
-            f"have CRC-32 {crc:#010x}, the metadata recorded {expected:#010x} (damaged checkpoint)"
+            f"{name}: item {describe_item(index)}: checksum mismatch: its {info.length} stored bytes at offset "
+            f"{info.offset} have CRC-32 {crc:#010x}, the metadata recorded {expected:#010x} (damaged checkpoint)"
         )
 
 

@@ -265,7 +265,7 @@ def _checksum_errors(path: str, metadata: Metadata) -> Dict[str, str]:
                 while left:
                     part = f.read(min(left, _VERIFY_STEP_BYTES))
                     crc, left = crc32(part, crc), left - len(part)
-            check(file_path, item, info, crc)
+            check(file_path, index, info, crc)
         except (OSError, ValueError) as e:
             errors[index.fqn] = f"{type(e).__name__}: {e}"
     return errors

@@ -206,12 +206,12 @@ def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
         return None
     chunks = getattr(tensor, "chunks", None) or []
     hint = getattr(index, "index", None)
-    offset = None if index.offset is None else tuple(index.offset)
     chunk = chunks[hint] if hint is not None and 0 <= hint < len(chunks) else None
-    if chunk is None or (offset is not None and tuple(chunk.offsets) != offset):
+    if chunk is None or (index.offset is not None and chunk.offsets != index.offset):  # torch.Size both
+        offset = None if index.offset is None else tuple(index.offset)
         chunk = next((c for c in chunks if offset is None or tuple(c.offsets) == offset), None)
-    if chunk is None:
-        return None
+        if chunk is None:
+            return None
     shape = tuple(chunk.sizes)
     dtype = tensor.properties.dtype
     if _numel(shape) * dtype.itemsize != info.length:

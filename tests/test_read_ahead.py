@@ -158,3 +158,29 @@ def test_each_tensor_is_resolved_and_committed_once(tmp_path, fmt):
     assert sorted(fqn for kind, fqn in calls if kind == "commit") == tensors
     assert torch.equal(loaded["norm.7"], saved["norm.7"].double())
     assert torch.equal(loaded["big"], saved["big"])
+
+
+@pytest.mark.parametrize("fmt", [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS])
+def test_parameters_that_require_grad_are_filled_without_autograd(tmp_path, fmt):
+    """Destinations that require grad (a module's parameters) are filled whichever way their item is read,
+    stay leaves with no history, and the planner is handed them detached, as upstream's reader does."""
+    saved = state()
+    dcp_save(saved, FileSystemWriter(tmp_path, serialization_format=fmt))
+    committed = []
+
+    class Recording(DefaultLoadPlanner):
+        def commit_tensor(self, read_item, tensor):
+            committed.append((read_item.storage_index.fqn, tensor.requires_grad))
+            super().commit_tensor(read_item, tensor)
+
+    loaded = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    loaded["norm.7"] = torch.nn.Parameter(torch.zeros(256, dtype=torch.float64))  # decoded, then converted
+    loaded["big"] = torch.nn.Parameter(torch.zeros(1024, 512).t())  # strided: decoded, then copied
+    loaded["step"] = 0
+    dcp_load(loaded, FileSystemReader(tmp_path), planner=Recording())
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(loaded[key], torch.nn.Parameter) and loaded[key].requires_grad, key
+            assert loaded[key].is_leaf and loaded[key].grad_fn is None, key
+            assert torch.equal(loaded[key].detach(), value.to(loaded[key].dtype)), key
+    assert sorted(committed) == sorted((k, False) for k, v in saved.items() if isinstance(v, torch.Tensor))
