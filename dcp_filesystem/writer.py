@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _cleanup, _compat
+from . import _cleanup, _compat, _save_lock
 from ._bytes import chunk_nbytes, tensor_bytes
 from ._checksum import ChecksummingWriter, record_crc32
 from ._cleanup import DATA_FILE as _DATA_FILE
@@ -274,6 +274,7 @@ class _FileSystemWriter(StorageWriter):
         self._listed: Optional[Set[str]] = None
 
     def reset(self, checkpoint_id: Optional[PathLike] = None) -> None:
+        _save_lock.release(self)  # an earlier save that failed on another rank never reached finish
         if checkpoint_id:
             self.path = self.fs.init_path(checkpoint_id)
         self.save_id = _generate_uuid()
@@ -328,6 +329,8 @@ class _FileSystemWriter(StorageWriter):
 
     @gc_paused()
     def prepare_global_plan(self, plans: List[SavePlan]) -> List[SavePlan]:
+        # Before any rank writes or removes a file: one save at a time in a directory (see _save_lock).
+        _save_lock.acquire(self, self.fs, self.path, self.rank if self._rank_local() else None)
         return [
             dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_")) if plan.storage_data is None else plan
             for i, plan in enumerate(plans)
@@ -424,16 +427,23 @@ class _FileSystemWriter(StorageWriter):
         return fut
 
     def _discard(self, paths: List[PathLike], error: BaseException, needed: int) -> None:
-        """After ``error`` failed this save: remove the files it created, then say in the error what a
-        full disk lacked (with the room its files took given back)."""
+        """After ``error`` failed this save: remove the files it created, give its lock back, then say in
+        the error what a full disk lacked (with the room its files took given back)."""
         removed = _cleanup.remove_files(self.fs, paths, "written by a failed save")
         _cleanup.settle(self)
+        _save_lock.release(self)  # before counting free bytes: its file is gone too
         _cleanup.note_no_space(error, self.fs, self.path, needed)
         logger.warning("save to %s failed (%s: %s); removed the %d file(s) it had written",
                        self.path, type(error).__name__, error, removed)
 
     @gc_paused()
     def finish(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
+        try:
+            self._commit(metadata, results)
+        finally:
+            _save_lock.release(self)
+
+    def _commit(self, metadata: Metadata, results: List[List[WriteResult]]) -> None:
         if "version" in _compat.METADATA_FIELDS:
             metadata.version = CURRENT_DCP_VERSION
         metadata.storage_data = {

@@ -448,19 +448,41 @@ def _write_without_commit(w, state):
     w.write_data(plan, planner).wait()
 
 
-def test_files_a_save_in_this_process_may_still_commit_are_never_reclaimed(tmp_path):
+class _ListingLocalFS(LocalFS):
+    """A file system without a local path (so without the save lock, as an object store) that can list."""
+
+    def ls(self, path):
+        return self.inner.ls(path)
+
+
+@pytest.mark.parametrize("locked", [True, False], ids=["local", "no-lock"])
+def test_files_a_save_in_this_process_may_still_commit_are_never_reclaimed(tmp_path, locked):
     fmt = SerializationFormat.TORCH_SAVE
     path = tmp_path / "c"
-    dcp_save(state_of(1), writer(path, fmt))
-    running = writer(path, fmt)
+
+    def new_writer():
+        w = writer(path, fmt)
+        if not locked:
+            w.fs = _ListingLocalFS()
+        return w
+
+    dcp_save(state_of(1), new_writer())
+    running = new_writer()
     _write_without_commit(running, state_of(5))
-    its_files = sorted(set(os.listdir(path)) - {".metadata", "__0_0.distcp", "__0_1.distcp"})
+    lock = [".metadata.lock"] if locked else []
+    its_files = sorted(set(os.listdir(path)) - {".metadata", "__0_0.distcp", "__0_1.distcp", *lock})
     assert its_files == [f"__0_{i}.{running.save_id[:8]}.distcp" for i in range(2)]
-    dcp_save(state_of(2), writer(path, fmt))
-    # Neither the second save's reclaim nor its commit touched the running save's files.
-    assert sorted(os.listdir(path)) == sorted(committed_files(path) + its_files)
+    if locked:
+        # The running save holds the directory's save lock: a second save stops before touching anything.
+        with pytest.raises(BaseException, match="another save into it is in progress"):
+            dcp_save(state_of(2), new_writer())
+        assert sorted(os.listdir(path)) == sorted(committed_files(path) + its_files + lock)
+    else:
+        dcp_save(state_of(2), new_writer())
+        # Neither the second save's reclaim nor its commit touched the running save's files.
+        assert sorted(os.listdir(path)) == sorted(committed_files(path) + its_files)
     del running
     gc.collect()
-    dcp_save(state_of(3), writer(path, fmt))  # abandoned now: reclaimed
+    dcp_save(state_of(3), new_writer())  # abandoned now: reclaimed
     assert sorted(os.listdir(path)) == committed_files(path)
     assert_state_equal(state_of(3), loaded(path))

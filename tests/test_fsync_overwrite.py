@@ -381,7 +381,8 @@ def test_overwrite_in_place_renames_then_cleans_up(tmp_path, monkeypatch, fmt):
     assert events == [
         ("replace", ".metadata.tmp", ".metadata"),
         ("sync_dir",),
-        ("rm", "__0_0.distcp", sorted([".metadata", "__0_0.distcp", new_name])),
+        # The save lock is given back once the replaced files are gone.
+        ("rm", "__0_0.distcp", sorted([".metadata", ".metadata.lock", "__0_0.distcp", new_name])),
     ]
     assert sorted(os.listdir(path)) == sorted([".metadata", new_name])
     assert _referenced(path) == [new_name]
