@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import io
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -46,9 +46,14 @@ def byte_count(data: io.BytesIO) -> int:
     return len(data.getvalue())
 
 
+def numel(sizes: Sequence[int]) -> int:
+    """Elements of a tensor of these sizes."""
+    count = 1
+    for size in sizes:
+        count *= size
+    return count
+
+
 def chunk_nbytes(item: Any) -> int:
     """Bytes of the chunk a tensor WriteItem stores."""
-    numel = 1
-    for size in item.tensor_data.chunk.sizes:
-        numel *= size
-    return numel * item.tensor_data.properties.dtype.itemsize
+    return numel(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize

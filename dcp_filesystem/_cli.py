@@ -15,20 +15,15 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.planner import ReadItem
 
 from . import _bench, _safetensors
+from ._bytes import numel
 from ._checksum import check, stored_crc32
 from ._crc import crc32
-from ._format import Stored, describe_item, stored_as, transform_descriptors_of
+from ._format import Stored, describe_item, metadata_file_name, stored_as, transform_descriptors_of
+from ._paths import check_storage_file, open_regular
 from ._torch_save import ZIP_MAGIC, archive_members
 from .reader import FileSystemReader
 
 _VERIFY_STEP_BYTES = 8 << 20
-
-
-def _numel(sizes: Sequence[int]) -> int:
-    numel = 1
-    for s in sizes:
-        numel *= s
-    return numel
 
 
 def _entries(metadata: Metadata) -> List[Dict[str, Any]]:
@@ -46,7 +41,7 @@ def _entries(metadata: Metadata) -> List[Dict[str, Any]]:
                 "dtype": str(dtype).replace("torch.", ""),
                 "shape": list(item.size),
                 "chunks": len(item.chunks),
-                "bytes": sum(_numel(c.sizes) for c in item.chunks) * element_size,
+                "bytes": sum(numel(c.sizes) for c in item.chunks) * element_size,
             }
         else:
             lengths = stored.get(fqn, [])
@@ -60,9 +55,16 @@ def _read_at(f: IO[bytes], offset: int, length: int) -> bytes:
     return f.read(length)
 
 
+def _storage_file(path: str, index: Any, info: Any) -> str:
+    """Where the data file of an item is, after the same confinement check as a load's."""
+    named_by = f"{os.path.join(path, metadata_file_name())}: item {index.fqn!r}"
+    check_storage_file(info.relative_path, path, path, named_by)
+    return os.path.join(path, info.relative_path)
+
+
 def _file_format(path: str, items: List[Any]) -> Optional[str]:
     """``items``: (is_tensor, storage info) of one data file. Tensor items decide before byte items."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         read_at = functools.partial(_read_at, f)
         header = functools.partial(_safetensors.read_header, read_at, 0, size, path)
@@ -80,6 +82,7 @@ def describe(path: str, metadata: Metadata) -> Dict[str, Any]:
     per_file: Dict[str, List[Any]] = {}
     transforms = set()
     for index, info in metadata.storage_data.items():
+        _storage_file(path, index, info)
         per_file.setdefault(info.relative_path, []).append((index.offset is not None, info))
         transforms.update(transform_descriptors_of(info))
     files: Dict[str, Optional[int]] = {}
@@ -158,7 +161,11 @@ def _inspect(args: argparse.Namespace) -> int:
     metadata = _read_metadata(args.path)
     if metadata is None:
         return 2
-    info = describe(args.path, metadata)
+    try:
+        info = describe(args.path, metadata)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -224,7 +231,8 @@ def _header_errors(path: str, metadata: Metadata) -> Dict[str, str]:
     for name, stored in sorted(per_file.items()):
         file_path = os.path.join(path, name)
         try:
-            with open(file_path, "rb") as f:
+            _storage_file(path, *stored[0])
+            with open_regular(file_path) as f:
                 header = _safetensors.read_header(functools.partial(_read_at, f), 0, None, f"{file_path} (offset 0)")
             if header is None:
                 raise ValueError(f"{file_path}: does not start with a safetensors header")
@@ -250,10 +258,10 @@ def _checksum_errors(path: str, metadata: Metadata) -> Dict[str, str]:
     for index, info in metadata.storage_data.items():
         if stored_crc32(info) is None or index.fqn in errors:
             continue
-        file_path = os.path.join(path, info.relative_path)
         item = describe_item(index)
         try:
-            with open(file_path, "rb") as f:
+            file_path = _storage_file(path, index, info)
+            with open_regular(file_path) as f:
                 size, end = os.fstat(f.fileno()).st_size, info.offset + info.length
                 if end > size:
                     raise ValueError(

@@ -240,3 +240,22 @@ def float8_dtypes() -> dict:
         "U64": "uint64",
     }
     return {st: getattr(torch, attr) for st, attr in names.items() if hasattr(torch, attr)}
+
+
+@functools.cache
+def load_planner_checks_sizes() -> bool:
+    """Whether torch's default load planner refuses a target whose size is not the saved tensor's (the 2.6
+    wheel does, 2.5 loads the overlap silently): a plan for a 1-element target of a 2-element tensor."""
+    from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+
+    md = _torch_metadata
+    saved = md.TensorStorageMetadata(
+        md.TensorProperties(dtype=torch.float32),
+        torch.Size([2]),
+        [md.ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([2]))],
+    )
+    try:
+        create_default_local_load_plan({"x": torch.zeros(1)}, md.Metadata(state_dict_metadata={"x": saved}))
+    except ValueError:
+        return True
+    return False

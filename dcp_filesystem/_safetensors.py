@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint.planner import WriteItem
 
 from . import _compat
-from ._bytes import byte_count, chunk_nbytes
+from ._bytes import byte_count, chunk_nbytes, numel
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 DCP_VERSION_KEY = "DCP_VERSION"
@@ -72,13 +72,6 @@ def dtype_name(dtype: torch.dtype, key: str) -> str:
             f"SAFETENSORS format cannot store {key!r}: dtype {dtype} has no safetensors name "
             f"(supported: {', '.join(str(d) for d in _NAMES)})"
         ) from None
-
-
-def _numel(shape: Sequence[int]) -> int:
-    numel = 1
-    for s in shape:
-        numel *= s
-    return numel
 
 
 def chunk_key(fqn: str, offsets: Sequence[int]) -> str:
@@ -169,14 +162,35 @@ def read_header(
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{where}: safetensors entry {key!r} is malformed: {info!r}") from None
-        nbytes = _numel(shape) * dtype.itemsize
+        nbytes = numel(shape) * dtype.itemsize
         if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or data_start + end > size:
             raise ValueError(
                 f"{where}: safetensors entry {key!r} has offsets {[begin, end]} that do not fit "
                 f"shape {list(shape)} of {info['dtype']} in a {file_size or 'not sized'}-byte file"
             )
         entries[key] = Entry(dtype, shape, data_start + begin, data_start + end)
+    _check_tiling(entries, data_start, None if file_size is None else file_size - data_start, where)
     return Header(data_start, entries, metadata if isinstance(metadata, dict) else {})
+
+
+def _check_tiling(entries: Dict[str, Entry], data_start: int, data_size: Optional[int], where: str) -> None:
+    """As the safetensors library requires: the entries, in offset order, fill the data section back to
+    back from its start (to its end, where the file's size is known), none overlapping another."""
+    position = data_start
+    for key, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            problem = "overlaps the entry before it" if entry.begin < position else "leaves a gap before it"
+            offsets = [entry.begin - data_start, entry.end - data_start]
+            raise ValueError(
+                f"{where}: safetensors entry {key!r} at data offsets {offsets} {problem} "
+                f"(the entries before it end at {position - data_start})"
+            )
+        position = entry.end
+    if data_size is not None and position - data_start != data_size:
+        raise ValueError(
+            f"{where}: safetensors entries end at data offset {position - data_start}, "
+            f"but the file's data section has {data_size} bytes"
+        )
 
 
 def find_entry(header: Header, fqn: str, offsets: Optional[Sequence[int]], begin: int, end: int) -> Optional[Entry]:
@@ -214,7 +228,7 @@ def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
             return None
     shape = tuple(chunk.sizes)
     dtype = tensor.properties.dtype
-    if _numel(shape) * dtype.itemsize != info.length:
+    if numel(shape) * dtype.itemsize != info.length:
         return None
     return Entry(dtype, shape, info.offset, info.offset + info.length)
 

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generator, List, Optional, Union
 
+from ._paths import open_regular
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -73,34 +75,36 @@ class _Adopted(FileSystemBase):
             raise AttributeError(name)
         return getattr(self.adopted, name)
 
-    def create_stream(self, path: PathLike, mode: str) -> Any:
-        return self.adopted.create_stream(path, mode)
+    # Each method passes on whatever its caller gives: an adopted file system's own methods may take
+    # more than upstream's (fsspec's init_path takes storage options as keyword arguments).
+    def create_stream(self, path: PathLike, mode: str, *args: Any, **kwargs: Any) -> Any:
+        return self.adopted.create_stream(path, mode, *args, **kwargs)
 
-    def concat_path(self, path: PathLike, suffix: str) -> PathLike:
-        return self.adopted.concat_path(path, suffix)
+    def concat_path(self, path: PathLike, suffix: str, *args: Any, **kwargs: Any) -> PathLike:
+        return self.adopted.concat_path(path, suffix, *args, **kwargs)
 
-    def rename(self, path: PathLike, new_path: PathLike) -> None:
-        self.adopted.rename(path, new_path)
+    def rename(self, path: PathLike, new_path: PathLike, *args: Any, **kwargs: Any) -> None:
+        self.adopted.rename(path, new_path, *args, **kwargs)
 
-    def init_path(self, path: PathLike) -> PathLike:
-        return self.adopted.init_path(path)
+    def init_path(self, path: PathLike, *args: Any, **kwargs: Any) -> PathLike:
+        return self.adopted.init_path(path, *args, **kwargs)
 
-    def mkdir(self, path: PathLike) -> None:
-        self.adopted.mkdir(path)
+    def mkdir(self, path: PathLike, *args: Any, **kwargs: Any) -> None:
+        self.adopted.mkdir(path, *args, **kwargs)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
         return False  # never asked: the writer and reader ask their own classes
 
-    def exists(self, path: PathLike) -> bool:
-        return self.adopted.exists(path)
+    def exists(self, path: PathLike, *args: Any, **kwargs: Any) -> bool:
+        return self.adopted.exists(path, *args, **kwargs)
 
-    def rm_file(self, path: PathLike) -> None:
-        self.adopted.rm_file(path)
+    def rm_file(self, path: PathLike, *args: Any, **kwargs: Any) -> None:
+        self.adopted.rm_file(path, *args, **kwargs)
 
-    def ls(self, path: PathLike) -> Optional[List[str]]:
+    def ls(self, path: PathLike, *args: Any, **kwargs: Any) -> Optional[List[str]]:
         ls = getattr(self.adopted, "ls", None)
-        return None if ls is None else [str(entry) for entry in ls(path)]
+        return None if ls is None else [str(entry) for entry in ls(path, *args, **kwargs)]
 
 
 class FileSystemAttribute:
@@ -122,7 +126,8 @@ class FileSystem(FileSystemBase):
 
     @contextmanager
     def create_stream(self, path: PathLike, mode: str) -> Generator[io.IOBase, None, None]:
-        with Path(path).open(mode) as stream:
+        # Reads open regular files only: a named pipe would block the open forever.
+        with (open_regular(path) if mode == "rb" else Path(path).open(mode)) as stream:
             yield stream
 
     def concat_path(self, path: PathLike, suffix: str) -> PathLike:

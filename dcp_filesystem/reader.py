@@ -11,18 +11,19 @@ import time
 from typing import IO, Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import _checksum, _compat, _safetensors
-from ._bytes import address_of, tensor_bytes, tensor_from_bytes
+from ._bytes import address_of, numel, tensor_bytes, tensor_from_bytes
 from ._crc import crc32_combine
 from ._device_reads import DeviceReads
 from ._format import Stored, _generate_uuid, describe_item, metadata_file_name, stored_as, transform_descriptors_of
 from ._gc import gc_paused
 from ._parallel import crc32, for_each, pread_into, preadv_descriptor, share_of_cores, worker_count
+from ._paths import check_storage_file
 from ._safe_pickle import load_metadata
 from ._torch_save import (
     PlainTensor,
@@ -33,7 +34,13 @@ from ._torch_save import (
     plain_storage_from_head,
 )
 from .fs import FileSystem, FileSystemAttribute, PathLike
-from .transforms import ExtensionRegistry, _StorageReaderTransforms
+from .transforms import (
+    ARCHIVE_RECORDS_BYTES,
+    MAX_VALUE_BYTES,
+    ExtensionRegistry,
+    _StorageReaderTransforms,
+    read_at_most,
+)
 
 logger = logging.getLogger(__package__)
 # torch.save archives this large are read straight into their destination: their head, the storage, the rest
@@ -257,11 +264,14 @@ class FileSystemReader(StorageReader):
     @gc_paused()
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         start = time.perf_counter()
+        if not _compat.load_planner_checks_sizes():
+            self._check_sizes(plan, planner)
         per_file: Dict[str, List[Tuple[ReadItem, Any]]] = {}
         for req in plan.items:
             info = self.storage_data[req.storage_index]
             if info.relative_path not in per_file:
-                self._check_confined(info.relative_path, req)
+                named_by = f"{self._get_metadata_path()}: item {req.storage_index.fqn!r}"
+                check_storage_file(info.relative_path, self.path, self.fs.local_path(self.path), named_by)
             per_file.setdefault(info.relative_path, []).append((req, info))
         stored_bytes = sum(info.length for reqs in per_file.values() for _, info in reqs)
         threads = worker_count(self.thread_count, len(per_file), stored_bytes)
@@ -305,6 +315,18 @@ class FileSystemReader(StorageReader):
         fut.set_result(None)
         return fut
 
+    def _check_sizes(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        """Refuse a target whose (global) size is not the saved tensor's, as newer torch's planner does
+        before it plans: older torch's fills the overlap and leaves the rest as it was."""
+        state_dict = getattr(planner, "state_dict", None)
+        if not isinstance(state_dict, dict):
+            return
+        for fqn in {req.dest_index.fqn for req in plan.items if req.type != LoadItemType.BYTE_IO}:
+            saved, target = self._tensors.get(fqn), state_dict.get(fqn)
+            if isinstance(saved, TensorStorageMetadata) and getattr(target, "size", None) is not None:
+                if saved.size != target.size():
+                    raise ValueError(f"Size mismatch between saved {saved.size} and current: {target.size()} for {fqn}")
+
     def _read_side_by_side(
         self,
         data_file: _DataFile,
@@ -334,31 +356,12 @@ class FileSystemReader(StorageReader):
         for req, info in items:
             self._read_item(data_file, req, info, planner)
 
-    def _check_confined(self, relative_path: Any, req: ReadItem) -> None:
-        """Refuse storage paths that leave the checkpoint directory (absolute, '..', or through a symlink)."""
-        parts = str(relative_path).replace("\\", "/").split("/")
-        escapes = (
-            not isinstance(relative_path, str)
-            or not relative_path
-            or os.path.isabs(relative_path)
-            or ".." in parts
-        )
-        local = None if escapes else self.fs.local_path(self.path)
-        if local is not None:
-            root = os.path.realpath(local)
-            escapes = os.path.commonpath([root, os.path.realpath(os.path.join(root, relative_path))]) != root
-        if escapes:
-            raise ValueError(
-                f"{self._get_metadata_path()}: item {req.storage_index.fqn!r} names storage file "
-                f"{relative_path!r}, which is outside the checkpoint directory {self.path}"
-            )
-
     def _read_item(self, data_file: _DataFile, req: ReadItem, info: Any, planner: LoadPlanner) -> None:
         data_file.check_range(info.offset, info.length, req)
         if req.type == LoadItemType.BYTE_IO:
             payload = data_file.read_checked(req, info)
             try:
-                planner.load_bytes(req, io.BytesIO(self._untransformed(req, info, payload)))
+                planner.load_bytes(req, io.BytesIO(self._untransformed(data_file, req, info, payload)))
             except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
                 raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
             return
@@ -529,7 +532,7 @@ class FileSystemReader(StorageReader):
     def _decode_tensor(
         self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], payload: bytearray
     ) -> torch.Tensor:
-        payload = self._untransformed(req, info, payload)
+        payload = self._untransformed(data_file, req, info, payload)
         if stored is Stored.TORCH_SAVE:
             return load_tensor(payload)
         if stored is Stored.SAFETENSORS:
@@ -556,12 +559,32 @@ class FileSystemReader(StorageReader):
         end = info.offset + info.length
         return None if header is None else _safetensors.find_entry(header, index.fqn, index.offset, info.offset, end)
 
-    def _untransformed(self, req: ReadItem, info: Any, payload: bytearray) -> bytearray:
-        """An item's stored bytes with its stream transforms undone."""
+    def _untransformed(self, data_file: _DataFile, req: ReadItem, info: Any, payload: bytearray) -> bytearray:
+        """An item's stored bytes with its stream transforms undone, no more than the item may hold."""
         descriptors = transform_descriptors_of(info)
         if not descriptors:
             return payload
-        return bytearray(self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload)).read())
+        limit, why = MAX_VALUE_BYTES, "a non-tensor value"
+        chunk = None if req.type == LoadItemType.BYTE_IO else self._chunk(req)
+        if chunk is not None:
+            nbytes = numel(chunk[0]) * chunk[1].itemsize
+            limit, why = nbytes + ARCHIVE_RECORDS_BYTES, f"a {nbytes}-byte tensor and its archive's records"
+        decoded = read_at_most(self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload)), limit)
+        if decoded is None:
+            raise ValueError(
+                f"{data_file.name}: item {_describe(req)}: its {info.length} stored bytes decode to more than "
+                f"{limit} bytes, the most {why} may take (damaged or hostile checkpoint): decoding stopped there"
+            )
+        return decoded
+
+    def _chunk(self, req: ReadItem) -> Optional[Tuple[Any, torch.dtype]]:
+        """The sizes and dtype of the stored chunk a tensor item reads, as the metadata records them."""
+        tensor = self._tensors.get(req.storage_index.fqn)
+        offsets = req.storage_index.offset
+        for chunk in getattr(tensor, "chunks", None) or ():
+            if offsets is None or tuple(chunk.offsets) == tuple(offsets):
+                return chunk.sizes, tensor.properties.dtype
+        return None
 
     def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
         return self.fs.concat_path(self.path, metadata_file_name(rank))

@@ -96,6 +96,34 @@ else:
             return found
 
 
+# Undoing a transform never makes more bytes than an item may hold: a tensor's torch.save archive is its
+# storage (as the metadata sizes it) and records around it of a few kilobytes; a non-tensor value is a
+# pickle, and none that a checkpoint holds (steps, RNG and data-loader states, configs) comes near a GiB.
+# Past these, the stored bytes are a decompression bomb or damage, and decoding stops.
+ARCHIVE_RECORDS_BYTES = 1 << 20
+MAX_VALUE_BYTES = 1 << 30
+_FIRST_READ_BYTES = 1 << 20
+
+
+def read_at_most(stream: IO[bytes], limit: int) -> Optional[bytearray]:
+    """All of ``stream``, or None as soon as it holds more than ``limit`` bytes (never holding more than
+    ``limit`` + 1 of them at once, nor asking for more than it has read so far)."""
+    parts: List[bytes] = []
+    total = 0
+    while total <= limit:
+        part = stream.read(min(limit + 1 - total, max(total, _FIRST_READ_BYTES)))
+        if not part:
+            out = bytearray(total)
+            position = 0
+            for part in parts:
+                out[position : position + len(part)] = part
+                position += len(part)
+            return out
+        parts.append(part)
+        total += len(part)
+    return None
+
+
 class _NoCloseWriter(io.RawIOBase):
     """Lets a transform's close() cascade without closing the shared file underneath."""
 
