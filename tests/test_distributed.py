@@ -73,7 +73,7 @@ warnings.simplefilter("ignore")
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat, _save_lock
 from helpers import SAVE_HAS_USE_COLLECTIVES, dcp_load, dcp_save, probe_stock_torch
 from test_distributed import _dtensor_api, full_tensor, object_collectives_without_numpy, replicated_tensor
 
@@ -130,6 +130,38 @@ for fmt in ("torch_save", "safetensors"):
     target = {"dt": torch.zeros(8, 6), "repl": torch.zeros(10, dtype=torch.int64), "epoch": None, "tag": None}
     dcp_load(target, FileSystemReader(path))
     results[fmt + "/plain"] = describe(target)
+    dist.barrier()
+
+    # (c) a DTensor of another global size: refused on every torch, nothing read
+    target = {"dt": distribute_tensor(torch.full((16, 6), 5.0), mesh, [Shard(0)]),
+              "repl": torch.zeros(10, dtype=torch.int64), "epoch": None, "tag": None}
+    try:
+        dcp_load(target, FileSystemReader(path))
+        results[fmt + "/bigger"] = "loaded"
+    except BaseException as e:
+        results[fmt + "/bigger"] = str(e)
+    results[fmt + "/bigger_local"] = target["dt"].to_local().clone()
+    dist.barrier()
+
+    # (d) while another save holds the directory's lock, both ranks' save stops before writing anything;
+    # once it is given back, the two ranks' save is one save (neither locks out the other)
+    path = os.path.join(OUT, fmt + "_lock")
+    dcp_save(source(), FileSystemWriter(path, serialization_format=SerializationFormat(fmt)))
+    other = FileSystemWriter(path)
+    if RANK == 0:
+        _save_lock.acquire(other, other.fs, other.path, None)
+    dist.barrier()
+    try:
+        dcp_save({"dt": distribute_tensor(torch.ones(8, 6), mesh, [Shard(0)])}, FileSystemWriter(path))
+        results[fmt + "/while_held"] = "saved"
+    except BaseException as e:
+        results[fmt + "/while_held"] = str(e)
+    results[fmt + "/files_while_held"] = sorted(os.listdir(path))
+    dist.barrier()
+    _save_lock.release(other)
+    dcp_save(source(), FileSystemWriter(path, serialization_format=SerializationFormat(fmt)))
+    dist.barrier()
+    results[fmt + "/files_after"] = sorted(os.listdir(path))
     dist.barrier()
 
 if SAVE_HAS_USE_COLLECTIVES:
@@ -260,6 +292,29 @@ def test_load_into_plain_full_tensors(two_ranks, fmt):
         assert got["epoch"] == 7 and got["tag"] == "run-a"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_dtensor_of_another_global_size_is_refused(two_ranks, fmt):
+    _, results = two_ranks
+    for r in range(WORLD):
+        assert "Size mismatch between saved torch.Size([8, 6]) and current: torch.Size([16, 6]) for dt" in (
+            results[r][fmt + "/bigger"]
+        )
+        assert torch.equal(results[r][fmt + "/bigger_local"], torch.full((8, 6), 5.0))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_two_rank_save_is_one_save_and_waits_for_no_other(two_ranks, fmt):
+    out, results = two_ranks
+    path = out / f"{fmt}_lock"
+    for r in range(WORLD):
+        # Refused on every rank, before any rank wrote a file.
+        assert f"cannot save to {path}: another save into it is in progress ({path / '.metadata.lock'} is held by " \
+               "another writer of this process" in results[r][fmt + "/while_held"]
+        assert results[r][fmt + "/files_while_held"] == [".metadata", ".metadata.lock", "__0_0.distcp", "__1_0.distcp"]
+    after = results[0][fmt + "/files_after"]
+    assert sorted(os.listdir(path)) == after and after[0] == ".metadata" and len(after) == 3, after
+
+
 def test_rank_local_metadata_through_dcp_save(two_ranks):
     if not SAVE_HAS_USE_COLLECTIVES:
         pytest.skip("this torch's dcp.save has no use_collectives argument")
@@ -386,7 +441,7 @@ warnings.simplefilter("ignore")
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat, _save_lock
 from helpers import SAVE_HAS_USE_COLLECTIVES, dcp_load, dcp_save, probe_stock_torch
 from test_distributed import GatedFS, object_collectives_without_numpy, rank_state
 
