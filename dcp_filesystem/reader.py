@@ -361,7 +361,7 @@ class FileSystemReader(StorageReader):
         if req.type == LoadItemType.BYTE_IO:
             payload = data_file.read_checked(req, info)
             try:
-                planner.load_bytes(req, io.BytesIO(self._untransformed(data_file, req, info, payload)))
+                planner.load_bytes(req, io.BytesIO(self._untransformed(req, info, payload)))
             except (ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
                 raise ValueError(f"{data_file.name}: cannot read item {_describe(req)}: {e}") from e
             return
@@ -532,7 +532,7 @@ class FileSystemReader(StorageReader):
     def _decode_tensor(
         self, data_file: _DataFile, req: ReadItem, info: Any, stored: Optional[Stored], payload: bytearray
     ) -> torch.Tensor:
-        payload = self._untransformed(data_file, req, info, payload)
+        payload = self._untransformed(req, info, payload)
         if stored is Stored.TORCH_SAVE:
             return load_tensor(payload)
         if stored is Stored.SAFETENSORS:
@@ -559,7 +559,7 @@ class FileSystemReader(StorageReader):
         end = info.offset + info.length
         return None if header is None else _safetensors.find_entry(header, index.fqn, index.offset, info.offset, end)
 
-    def _untransformed(self, data_file: _DataFile, req: ReadItem, info: Any, payload: bytearray) -> bytearray:
+    def _untransformed(self, req: ReadItem, info: Any, payload: bytearray) -> bytearray:
         """An item's stored bytes with its stream transforms undone, no more than the item may hold."""
         descriptors = transform_descriptors_of(info)
         if not descriptors:
@@ -571,9 +571,9 @@ class FileSystemReader(StorageReader):
             limit, why = nbytes + ARCHIVE_RECORDS_BYTES, f"a {nbytes}-byte tensor and its archive's records"
         decoded = read_at_most(self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload)), limit)
         if decoded is None:
-            raise ValueError(
-                f"{data_file.name}: item {_describe(req)}: its {info.length} stored bytes decode to more than "
-                f"{limit} bytes, the most {why} may take (damaged or hostile checkpoint): decoding stopped there"
+            raise ValueError(  # the caller names the file and the item
+                f"its {info.length} stored bytes decode to more than {limit} bytes, the most {why} may take "
+                "(damaged or hostile checkpoint): decoding stopped there"
             )
         return decoded
 

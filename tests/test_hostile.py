@@ -116,7 +116,8 @@ def test_a_zstd_bomb_in_place_of_a_tensor_stops_at_the_tensor_size(tmp_path, cap
     assert len(bomb) < 1 << 20
     append_payload(path, "w", bomb)
     limit = 64 * 32 * 4 + ARCHIVE_RECORDS_BYTES
-    expected = f"item 'w' (chunk at [0, 0]): its {len(bomb)} stored bytes decode to more than {limit} bytes, " \
+    expected = f"{path / '__0_0.distcp'}: cannot read item 'w' (chunk at [0, 0]): its {len(bomb)} stored bytes " \
+               f"decode to more than {limit} bytes, " \
                f"the most a 8192-byte tensor and its archive's records may take (damaged or hostile checkpoint)"
     messages = []
     peak = peak_bytes_of(lambda: messages.append(load_error(path)))
@@ -132,8 +133,9 @@ def test_a_zstd_bomb_in_place_of_a_value_stops_at_the_value_bound(tmp_path, caps
     dcp_save(make_state(), zstd_writer(path))
     bomb = zstd_bomb(MAX_VALUE_BYTES + (64 << 20))
     append_payload(path, "step", bomb)
-    expected = f"item 'step': its {len(bomb)} stored bytes decode to more than {MAX_VALUE_BYTES} bytes, the most " \
-               f"a non-tensor value may take (damaged or hostile checkpoint): decoding stopped there"
+    expected = f"{path / '__0_0.distcp'}: cannot read item 'step': its {len(bomb)} stored bytes decode to more " \
+               f"than {MAX_VALUE_BYTES} bytes, the most a non-tensor value may take (damaged or hostile " \
+               "checkpoint): decoding stopped there"
     messages = []
     peak = peak_bytes_of(lambda: messages.append(load_error(path)))
     assert expected in messages[0]
