@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from . import _checksum, _compat, _safetensors
+from . import _checksum, _compat, _crc, _safetensors
 from ._bytes import address_of, tensor_bytes, tensor_from_bytes
 from ._crc import crc32_combine
 from ._device_reads import DeviceReads
@@ -231,6 +231,7 @@ class FileSystemReader(StorageReader):
         super().__init__()
         if not isinstance(thread_count, int) or thread_count < 1:
             raise ValueError(f"thread_count must be a positive int, got {thread_count!r}")
+        _crc.log_implementation(logger)
         self.fs = FileSystem()
         self.path = self.fs.init_path(path)
         self.storage_data: Dict[Any, Any] = {}
