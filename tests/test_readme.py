@@ -375,7 +375,7 @@ def test_write_docs_replaces_only_the_summary(bench, tmp_path, capsys):
     for r in rows:
         r.update(storage_s=None, outside_storage_s=None, vs_stock=None, vs_raw=None, ceiling_vs_stock=None,
                  peak_rss_mib=0, seconds=[r["median_s"]] * 3, storage_seconds=[None] * 3)
-    bench.write_docs(fake_header(quick=True), rows, repo=str(tmp_path))
+    bench.write_docs(fake_header(quick=True, crc32="zlib-ng 9.9.9"), rows, repo=str(tmp_path))
     written = (tmp_path / "README.rst").read_text(encoding="utf-8")
     start, end = bench.SUMMARY_START + "\n", bench.SUMMARY_END + "\n"
     assert written.split(start)[0] == readme.split(start)[0]
@@ -388,7 +388,8 @@ def test_write_docs_replaces_only_the_summary(bench, tmp_path, capsys):
     assert results.startswith("# dcp_filesystem benchmark results\n\n**A --quick run**")
     assert "- command: `python benchmarks/bench.py` (from the repository root)\n- date: 2030-01-02T03:04:05\n" \
            "- machine: Fake CPU, 2 cores, 1.0 GiB memory, X; scratch directory on ext4\n" \
-           "- torch 9.9, Python 3.9.0\n" in results
+           "- torch 9.9, Python 3.9.0\n" \
+           "- CRC-32: zlib-ng 9.9.9 (dcp_filesystem's checksums; zlib-ng is an install requirement)\n" in results
     charted = "left as it was" not in capsys.readouterr().err  # matplotlib installed
     assert ("summary.png" in os.listdir(str(tmp_path / "benchmarks"))) == charted
 
