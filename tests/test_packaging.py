@@ -1,4 +1,5 @@
 """Packaging and the README's two commands, on a clone of this checkout (so only committed files count)."""
+import importlib.machinery
 import json
 import os
 import re
@@ -31,9 +32,39 @@ def clone(tmp_path_factory):
     return path
 
 
+def build_package():
+    """The build package (python -m build), or a skip where it is missing. After `pip install .` in a checkout,
+    the build/ folder pip leaves there imports as a namespace package named build: that is no build package."""
+    build = pytest.importorskip("build", reason="needs the build package (python -m build)")
+    if not hasattr(build, "ProjectBuilder"):
+        pytest.skip(f"needs the build package (python -m build); 'build' here is the folder {list(build.__path__)[0]}")
+    return build
+
+
+def test_a_build_folder_is_not_taken_for_the_build_package(tmp_path, monkeypatch):
+    folder = tmp_path / "build"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "build", raising=False)
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", _namespace_only(str(tmp_path)))
+    with pytest.raises(pytest.skip.Exception) as info:
+        build_package()
+    assert str(info.value) == f"needs the build package (python -m build); 'build' here is the folder {folder}"
+
+
+def _namespace_only(root):
+    """PathFinder.find_spec that finds ``build`` only in ``root`` (where it is a folder without __init__.py)."""
+    original = importlib.machinery.PathFinder.find_spec
+
+    def find_spec(name, path=None, target=None):
+        return original(name, [root] if name == "build" else path, target)
+
+    return find_spec
+
+
 @pytest.fixture(scope="module")
 def dist(clone, tmp_path_factory):
-    build = pytest.importorskip("build", reason="needs the build package (python -m build)")
+    build = build_package()
     pytest.importorskip("setuptools", reason="needs setuptools for python -m build --no-isolation")
     builder = build.ProjectBuilder(clone)
     unmet = builder.check_dependencies("sdist") | builder.check_dependencies("wheel")
