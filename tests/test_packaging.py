@@ -168,10 +168,25 @@ def make_n(clone, target):
 
 def test_readme_commands_create_the_venv_then_run(clone):
     venv = make_n(clone, "venv")
-    assert venv[0] == "python3 -m venv --system-site-packages .venv"
-    assert venv[-1] == "touch .venv/.ready"
-    assert make_n(clone, "demo") == venv + [".venv/bin/python examples/demo.py"]
+    base = [
+        "python3 -m venv --system-site-packages .venv",
+        '.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"',
+        ".venv/bin/python -m pip install -q zlib-ng",
+        "touch .venv/.base",
+    ]
+    assert venv[:4] == base and venv[-1] == "touch .venv/.ready"
+    assert venv[4].startswith(".venv/bin/python -m pip install -q pytest ") and "moto[server]" in venv[4]
+    # make demo installs what the demo uses (torch, the package's requirements) and none of the test tools.
+    assert make_n(clone, "demo") == base + [".venv/bin/python examples/demo.py"]
     assert make_n(clone, "test") == venv + [".venv/bin/python -m pytest -q tests"]
+
+
+def test_make_demo_installs_the_packages_requirements():
+    with open(os.path.join(REPO, "setup.cfg")) as f:
+        requires = re.search(r"^install_requires =\n((?:    .*\n)+)", f.read(), re.M).group(1).split()
+    with open(os.path.join(REPO, "Makefile")) as f:
+        make_requires = re.search(r"^REQUIRES := (.*)$", f.read(), re.M).group(1).split()
+    assert requires == ["torch>=2.1"] + make_requires == ["torch>=2.1", "zlib-ng"]
 
 
 def test_demo_from_the_clone_is_bit_exact_and_verified(clone):
