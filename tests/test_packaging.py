@@ -1,5 +1,6 @@
 """Packaging and the README's two commands, on a clone of this checkout (so only committed files count)."""
 import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -95,6 +96,26 @@ def test_build_makes_one_sdist_and_one_wheel_of_the_package_alone(clone, dist):
     assert [n for n in names if n.startswith(f"dcp_filesystem-{v}.dist-info/") and n.endswith("/LICENSE")]
     with tarfile.open(os.path.join(dist, f"dcp_filesystem-{v}.tar.gz")) as sdist:
         assert f"dcp_filesystem-{v}/LICENSE" in sdist.getnames()
+    with zipfile.ZipFile(os.path.join(dist, f"dcp_filesystem-{v}-py3-none-any.whl")) as wheel:
+        metadata = wheel.read(f"dcp_filesystem-{v}.dist-info/METADATA").decode()
+    assert "Requires-Dist: zlib-ng\n" in metadata and "Classifier: Programming Language :: Python :: 3.11\n" in metadata
+    assert "Torch versions\n==============" in metadata  # the README is the description
+    assert ".. image:: benchmarks/" not in metadata and "<benchmarks/" not in metadata
+
+
+def test_the_index_page_description_has_no_image_or_link_into_the_source_tree():
+    spec = importlib.util.spec_from_file_location("dcp_filesystem_setup", os.path.join(REPO, "setup.py"))
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # defines long_description; setup() runs only as __main__
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+        readme = f.read()
+    assert ".. image:: benchmarks/summary.png" in readme and "<benchmarks/RESULTS.md>`_" in readme
+    description = setup_py.long_description()
+    assert ".. image::" not in description and "<benchmarks/" not in description
+    assert "``benchmarks/RESULTS.md`` (in the source distribution)" in description
+    assert description.replace("``benchmarks/RESULTS.md`` (in the source distribution)", "") == re.sub(
+        r"\.\. image:: benchmarks/summary\.png\n   :alt: .*\n\n", "", readme
+    ).replace("`benchmarks/RESULTS.md <benchmarks/RESULTS.md>`_", "")
 
 
 def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_path):
