@@ -12,7 +12,7 @@ def long_description():
     with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
         text = f.read()
     text = re.sub(r"\.\. image:: benchmarks/\S+\n(?:   :.*\n)*\n", "", text)
-    return re.sub(r"`(benchmarks/[\w.]+) <benchmarks/[\w.]+>`_", r"``\1`` (in the source distribution)", text)
+    return re.sub(r"`(benchmarks/[\w.]+)\s+<benchmarks/[\w.]+>`_", r"``\1`` (in the source distribution)", text)
 
 
 if __name__ == "__main__":
