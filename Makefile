@@ -1,5 +1,6 @@
-# make demo        saves and loads a small GPT model and its AdamW state, every writer, bit-exact
-# make test        the test suite on this machine's torch (creates .venv when absent)
+# make demo        saves and loads a small GPT model and its AdamW state, every writer, bit-exact (creates .venv
+#                  with torch and the package's requirements only)
+# make test        the test suite on this machine's torch (creates .venv when absent, adds the test and S3 tools)
 # make test-gpu    the CUDA tests (marker gpu), with the interpreter in $(GPU_PYTHON)
 # make test-matrix the suite on the CI spread of (torch, Python) cells, cached venvs outside the repo,
 #                  and checkpoints written on each cell read on the others
@@ -18,19 +19,26 @@ TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
 BENCH_ARGS ?= --cold
 S3_BENCH_ARGS ?= --results benchmarks/RESULTS.md
-TEST_DEPS := pytest safetensors zstandard zlib-ng hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
+# What the package needs besides torch (setup.cfg's install_requires; tests/test_packaging.py keeps them equal):
+# all that make demo installs.
+REQUIRES := zlib-ng
+TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
 
 .PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench
 
-$(VENV)/.ready:
+$(VENV)/.base:
 	python3 -m venv --system-site-packages $(VENV)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q $(REQUIRES)
+	touch $@
+
+$(VENV)/.ready: $(VENV)/.base
 	$(PYTHON) -m pip install -q $(TEST_DEPS)
 	touch $@
 
 venv: $(VENV)/.ready
 
-demo: $(VENV)/.ready
+demo: $(VENV)/.base
 	$(PYTHON) examples/demo.py
 
 test: $(VENV)/.ready

@@ -563,6 +563,13 @@ def add_ratios(rows):
         r["ceiling_vs_stock"] = stock["median_s"] / outside if stock and stock["median_s"] and outside else None
 
 
+def crc32_implementation():
+    """Which CRC-32 this run's dcp_filesystem computes its checksums with (zlib-ng, or Python's zlib)."""
+    from dcp_filesystem import _crc
+
+    return _crc.IMPLEMENTATION
+
+
 # ---------------------------------------------------------------- targets
 RSS_GOAL_MIB = 64
 
@@ -678,6 +685,7 @@ def markdown(header, rows):
     return "\n".join([f"# dcp_filesystem benchmark — {header['date']}", "",
                       f"torch {header['torch']}, python {header['python']}, {header['cpus']} CPUs; "
                       f"repeats {header['repeats']} (median); command: `{header['command']}`", "",
+                      f"CRC-32: {header.get('crc32', '?')}", "",
                       full_table(header, rows), "", "## Targets", "", TARGETS_NOTE, "", targets_table(rows)]
                      + baseline_table(header, rows))
 
@@ -855,6 +863,7 @@ def results_markdown(header, rows):
         f"{m.get('memory_gib', '?')} GiB memory, {m.get('system', '?')}; scratch directory on "
         f"{m.get('scratch_fs') or '?'}",
         f"- torch {header['torch']}, Python {header['python']}",
+        f"- CRC-32: {header.get('crc32', '?')} (dcp_filesystem's checksums; zlib-ng is an install requirement)",
         f"- repeats: {header['repeats']} per case (medians); loads {header.get('loads', '?')}",
         "",
         "## Summary",
@@ -1020,8 +1029,9 @@ def main():
             "python": platform.python_version(), "cpus": os.cpu_count(), "repeats": repeats,
             "command": command_line(), "quick": args.quick, "machine": machine(root),
             "cold": cold, "loads": loads, "skipped": skipped, "dcp_calls": dcp_calls,
-            "baseline": args.baseline,
+            "baseline": args.baseline, "crc32": crc32_implementation(),
         }
+        print(f"CRC-32: {header['crc32']}", file=sys.stderr, flush=True)
         progress = terminal_progress() if sys.stderr.isatty() else (lambda line: None)
         for name, build in workloads(args.quick).items():
             if args.workload and name not in args.workload:

@@ -24,6 +24,7 @@ import torch
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
 from torch.distributed.checkpoint.api import CheckpointException
 
+from . import _crc
 from ._compat import TorchSerializationFormat, single_process_dcp
 from ._format import SerializationFormat
 from .reader import FileSystemReader
@@ -268,11 +269,17 @@ def _quiet_finalizers() -> None:
     sys.unraisablehook = lambda unraisable: None
 
 
+_REASON_CHARS = 200
+
+
 def _reason(e: BaseException) -> str:
     """One line on why ``e`` was raised; a CheckpointException's is its first rank's exception."""
     e = _causes(e)[0]
     message = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {message}"[:200].rstrip(": ")
+    line = f"{type(e).__name__}: {message}".rstrip(": ")
+    if len(line) <= _REASON_CHARS:
+        return line
+    return line[: line.rfind(" ", 0, _REASON_CHARS - 3)].rstrip(" :,;") + " ..."  # whole words only
 
 
 def _median(samples: Sequence[float]) -> Optional[float]:
@@ -366,6 +373,7 @@ def table(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     lines += [
         "vs stock: GB/s over stock torch's TORCH_SAVE (its default). Loads fill preallocated tensors, from the "
         "page cache.",
+        f"CRC-32: {header['crc32']}" + ("" if _crc.FAST else f" ({_crc.SLOW_NOTE})") + ".",
         f"DCP calls: {header['dcp_calls']}. The full benchmark: make bench (benchmarks/bench.py of a source "
         "checkout).",
     ]
@@ -393,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
                 "payload_bytes": payload_bytes(sd), "repeats": args.repeats,
                 "tensors": sum(isinstance(v, torch.Tensor) for v in sd.values()),
                 "values": sum(not isinstance(v, torch.Tensor) for v in sd.values()), "dcp_calls": calls,
+                "crc32": _crc.IMPLEMENTATION,
             }
     except BenchError as e:
         progress.clear()

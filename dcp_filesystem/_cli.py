@@ -5,6 +5,7 @@ import argparse
 import functools
 import io
 import json
+import logging
 import os
 import sys
 from typing import IO, Any, Dict, List, Optional, Sequence
@@ -150,11 +151,15 @@ def _verify_entry(reader: FileSystemReader, metadata: Metadata, fqn: str, item: 
 
 
 def _read_metadata(path: str) -> Optional[Metadata]:
+    logger = logging.getLogger(__package__)
+    disabled, logger.disabled = logger.disabled, True  # the reader's ERROR line would repeat the one below
     try:
         return FileSystemReader(path).read_metadata()
     except Exception as e:
         print(f"error: cannot read the checkpoint metadata: {type(e).__name__}: {e}", file=sys.stderr)
         return None
+    finally:
+        logger.disabled = disabled
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -287,7 +292,8 @@ def _unchecked(metadata: Metadata, errors: Dict[str, str]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcp_filesystem", description="DCP checkpoint tools.")
+    # A vendored copy runs as python -m yourpkg._vendor.dcp_filesystem.
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description="DCP checkpoint tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("inspect", "list a checkpoint's entries, files and format"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import logging
 import os
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from . import _checksum, _compat, _safetensors
+from . import _checksum, _compat, _crc, _safetensors
 from ._bytes import address_of, numel, tensor_bytes, tensor_from_bytes
 from ._crc import crc32_combine
 from ._device_reads import DeviceReads
@@ -238,6 +239,7 @@ class FileSystemReader(StorageReader):
         super().__init__()
         if not isinstance(thread_count, int) or thread_count < 1:
             raise ValueError(f"thread_count must be a positive int, got {thread_count!r}")
+        _crc.log_implementation(logger)
         self.fs = FileSystem()
         self.path = self.fs.init_path(path)
         self.storage_data: Dict[Any, Any] = {}
@@ -245,6 +247,7 @@ class FileSystemReader(StorageReader):
         self.load_id = _generate_uuid()
         self.transforms = _StorageReaderTransforms(_extension_registry)
         self.thread_count = thread_count
+        self._metadata_error_logged = False
         # Kept for upstream parity (set by set_up_storage_reader, read by subclasses); unused here.
         self.rank: Optional[int] = None
         self.use_collectives = True
@@ -595,17 +598,49 @@ class FileSystemReader(StorageReader):
         try:
             with self.fs.create_stream(path, "rb") as metadata_file:
                 metadata = load_metadata(metadata_file, str(path))
-        except FileNotFoundError:
-            raise  # dcp.load then tries the rank-local file: not worth a log line
+        except (FileNotFoundError, NotADirectoryError) as e:
+            missing = self._no_checkpoint()
+            if missing is None:
+                raise  # a rank-local checkpoint's: dcp.load then tries __{rank}.metadata, not worth a log line
+            self._log_metadata_error(missing, e)
+            raise missing from None
         except Exception as e:
-            # torch 2.9-2.11's dcp.load drops this error and raises a bare "metadata is None".
-            logger.error("%s", e)
+            self._log_metadata_error(e, e)
             raise
         if _compat.StorageMeta is not None:
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = _compat.StorageMeta()
             metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def _no_checkpoint(self) -> Optional[OSError]:
+        """The error to raise where this reader's local path holds no checkpoint at all: None where it may hold
+        a rank-local one (``__{rank}.metadata``) or is not on the local disk."""
+        local = self.fs.local_path(self.path)
+        if local is None:
+            return None
+        if not os.path.exists(local):
+            return FileNotFoundError(errno.ENOENT, "No such checkpoint directory", str(self.path))
+        if not os.path.isdir(local):
+            return NotADirectoryError(errno.ENOTDIR, "Checkpoint path is not a directory", str(self.path))
+        try:
+            names = os.listdir(local)
+        except OSError as e:
+            return e
+        if not any(name.endswith(".metadata") for name in names):
+            return FileNotFoundError(errno.ENOENT, "No checkpoint in this directory (no .metadata file)",
+                                     str(self.path))
+        return None
+
+    def _log_metadata_error(self, error: BaseException, cause: BaseException) -> None:
+        """One ERROR line per reader: torch 2.9-2.11's dcp.load drops read_metadata's error and raises a bare
+        "metadata is None", and 2.13+'s calls read_metadata twice (global, then rank-local). The traceback
+        only where DEBUG is on."""
+        if self._metadata_error_logged:
+            return
+        self._metadata_error_logged = True
+        exc_info = (type(cause), cause, cause.__traceback__) if logger.isEnabledFor(logging.DEBUG) else None
+        logger.error("%s", error, exc_info=exc_info)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data

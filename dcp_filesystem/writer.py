@@ -8,7 +8,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -19,7 +18,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _cleanup, _compat, _save_lock
+from . import _cleanup, _compat, _crc, _save_lock
 from ._bytes import chunk_nbytes, tensor_bytes
 from ._checksum import ChecksummingWriter, record_crc32
 from ._cleanup import DATA_FILE as _DATA_FILE
@@ -38,6 +37,7 @@ from ._parallel import run_in_threads, worker_count
 from ._safe_pickle import dump_metadata
 from ._safetensors import dtype_name, file_layout, mark_ours
 from ._torch_save import save_tensor
+from ._warn import warn_at_caller
 from ._writeback import with_early_writeback
 from .fs import FileSystem, FileSystemAttribute, PathLike, fsync_stream
 from .loaders import _OverlappingCpuLoader, _SerialCpuLoader, _TensorLoader, caller_device_context, on_device
@@ -257,6 +257,7 @@ class _FileSystemWriter(StorageWriter):
                 "_extensions cannot be combined with SerializationFormat.SAFETENSORS: "
                 "transformed bytes would not be a valid safetensors file"
             )
+        _crc.log_implementation(logger)
         self.fs = FileSystem()
         self.path = self.fs.init_path(path)
         self.single_file_per_rank = single_file_per_rank
@@ -317,11 +318,10 @@ class _FileSystemWriter(StorageWriter):
         if self._metadata_exists():
             if not self.overwrite:
                 raise RuntimeError(f"Checkpoint already exists in {self.path} and self.overwrite=False.")
-            warnings.warn(
-                f"Detected an existing checkpoint in {self.path}, overwriting since self.overwrite=True."
-                " Past version 2.5 of PyTorch, `overwrite` will default to False. Set this variable to True to"
-                " maintain this functionality or False to raise when an existing checkpoint is found.",
-                stacklevel=2,
+            warn_at_caller(
+                f"Detected an existing checkpoint in {self.path}, overwriting since self.overwrite=True. The old"
+                " checkpoint stays loadable until the new .metadata replaces it; then the data files only the old"
+                " one named are removed. Pass overwrite=False to raise instead."
             )
         if self._rank_local():
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))

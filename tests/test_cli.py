@@ -7,7 +7,9 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch.distributed.checkpoint.filesystem as torch_fs
 from helpers import REPO, STOCK_HAS_SERIALIZATION_FORMAT, dcp_save, strip_checksums
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _bench, _cli
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _bench, _cli, _crc
 from dcp_filesystem._torch_save import archive_members
 
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
@@ -321,7 +323,7 @@ def test_unreadable_metadata_exits_2(tmp_path, capsys, command):
     assert (code, out) == (2, "")
     assert err == (
         "error: cannot read the checkpoint metadata: FileNotFoundError: "
-        f"[Errno 2] No such file or directory: '{path / '.metadata'}'\n"
+        f"[Errno 2] No checkpoint in this directory (no .metadata file): '{path}'\n"
     )
 
     (path / ".metadata").write_bytes(b"\x00garbage")
@@ -331,6 +333,46 @@ def test_unreadable_metadata_exits_2(tmp_path, capsys, command):
         f"error: cannot read the checkpoint metadata: UnpicklingError: {path / '.metadata'}: "
         "cannot read DCP metadata (8 bytes; truncated or damaged?)"
     )
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+@pytest.mark.parametrize("kind", ["file", "missing"])
+def test_a_path_that_is_no_checkpoint_directory_prints_one_error_line(tmp_path, command, kind):
+    path = tmp_path / "ckpt"
+    if kind == "file":
+        path.write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "-m", "dcp_filesystem", command, str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    error = ("NotADirectoryError: [Errno 20] Checkpoint path is not a directory" if kind == "file"
+             else "FileNotFoundError: [Errno 2] No such checkpoint directory")
+    # Once: the reader's ERROR line (for dcp.load's sake) is not repeated here.
+    assert proc.stderr == f"error: cannot read the checkpoint metadata: {error}: '{path}'\n"
+
+
+def test_a_vendored_copy_names_itself_in_its_usage_line(tmp_path):
+    vendor = tmp_path / "yourpkg" / "_vendor"
+    shutil.copytree(os.path.join(REPO, "dcp_filesystem"), str(vendor / "dcp_filesystem"))
+    (tmp_path / "yourpkg" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "yourpkg._vendor.dcp_filesystem", "verify"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == "usage: python -m yourpkg._vendor.dcp_filesystem verify [-h] [--json] path"
+
+
+def test_bench_reasons_are_cut_between_words():
+    stock = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+             "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` "
+             "will likely succeed, but it can result in arbitrary code execution.")
+    reason = _bench._reason(pickle.UnpicklingError(stock))
+    assert reason == (
+        "UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed the default value of the "
+        "`weights_only` argument in `torch.load` from `False` to `True`. Re-running `torch.load` with ..."
+    )
+    assert len(reason) <= 200
+    assert _bench._reason(ValueError("short: ")) == "ValueError: short"
 
 
 def test_unknown_option_is_a_usage_error(tmp_path, capsys):
@@ -382,6 +424,7 @@ def test_bench_json_creates_and_removes_a_missing_dir(tmp_path, capsys):
     report = json.loads(out)
     check_bench_json(report, 8 * 10**6)
     assert report["repeats"] == 2 and report["dir"] == str(scratch)
+    assert report["crc32"] == _crc.IMPLEMENTATION
     assert os.listdir(tmp_path) == []  # new/ and new/scratch/ were created by bench, and removed
 
 
@@ -397,6 +440,7 @@ def test_bench_table_leaves_an_existing_dir_empty(tmp_path, capsys):
     assert lines[4].startswith("dcp_filesystem  SAFETENSORS ") and lines[4].endswith(" yes")
     assert lines[5].startswith("torch (stock)   TORCH_SAVE ") and lines[5].endswith(" yes")
     assert "make bench" in lines[-1]
+    assert lines[-2] == f"CRC-32: {_crc.IMPLEMENTATION}" + ("." if _crc.FAST else f" ({_crc.SLOW_NOTE}).")
 
 
 def test_bench_fails_loudly_when_a_load_is_not_bit_exact(tmp_path, capsys, monkeypatch):

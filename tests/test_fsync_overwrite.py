@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import assert_state_equal, dcp_load, dcp_save
+from torch.distributed.checkpoint.planner import SavePlan
 
 import dcp_filesystem.fs as fs_module
 from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
@@ -329,8 +332,29 @@ def test_overwrite_true_warns_and_loads_new_data(tmp_path):
     ours = [w for w in caught if "Detected an existing checkpoint" in str(w.message)]
     assert len(ours) == 1
     assert ours[0].category is UserWarning
-    assert f"Detected an existing checkpoint in {path}, overwriting since self.overwrite=True." in str(ours[0].message)
+    # What this package does, not upstream's outdated "Past version 2.5 ... will default to False".
+    assert str(ours[0].message) == (
+        f"Detected an existing checkpoint in {path}, overwriting since self.overwrite=True. The old checkpoint "
+        "stays loadable until the new .metadata replaces it; then the data files only the old one named are "
+        "removed. Pass overwrite=False to raise instead."
+    )
+    # Attributed to the line that called dcp.save (helpers._call), not to contextlib, torch or this package.
+    assert ours[0].filename == helpers._call.__code__.co_filename
+    assert ours[0].lineno == helpers._call.__code__.co_firstlineno + 1
     _load(path, _state(3))
+
+
+def test_overwrite_warning_points_at_a_direct_caller_of_the_writer(tmp_path):
+    path = tmp_path / "ckpt"
+    dcp_save(_state(), FileSystemWriter(path))
+    writer = FileSystemWriter(path)
+    writer.set_up_storage_writer(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        writer.prepare_local_plan(SavePlan([]))
+    (warning,) = [w for w in caught if "Detected an existing checkpoint" in str(w.message)]
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 def test_first_save_does_not_warn(tmp_path):

@@ -1,4 +1,6 @@
 """Packaging and the README's two commands, on a clone of this checkout (so only committed files count)."""
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -31,9 +33,39 @@ def clone(tmp_path_factory):
     return path
 
 
+def build_package():
+    """The build package (python -m build), or a skip where it is missing. After `pip install .` in a checkout,
+    the build/ folder pip leaves there imports as a namespace package named build: that is no build package."""
+    build = pytest.importorskip("build", reason="needs the build package (python -m build)")
+    if not hasattr(build, "ProjectBuilder"):
+        pytest.skip(f"needs the build package (python -m build); 'build' here is the folder {list(build.__path__)[0]}")
+    return build
+
+
+def test_a_build_folder_is_not_taken_for_the_build_package(tmp_path, monkeypatch):
+    folder = tmp_path / "build"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "build", raising=False)
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", _namespace_only(str(tmp_path)))
+    with pytest.raises(pytest.skip.Exception) as info:
+        build_package()
+    assert str(info.value) == f"needs the build package (python -m build); 'build' here is the folder {folder}"
+
+
+def _namespace_only(root):
+    """PathFinder.find_spec that finds ``build`` only in ``root`` (where it is a folder without __init__.py)."""
+    original = importlib.machinery.PathFinder.find_spec
+
+    def find_spec(name, path=None, target=None):
+        return original(name, [root] if name == "build" else path, target)
+
+    return find_spec
+
+
 @pytest.fixture(scope="module")
 def dist(clone, tmp_path_factory):
-    build = pytest.importorskip("build", reason="needs the build package (python -m build)")
+    build = build_package()
     pytest.importorskip("setuptools", reason="needs setuptools for python -m build --no-isolation")
     builder = build.ProjectBuilder(clone)
     unmet = builder.check_dependencies("sdist") | builder.check_dependencies("wheel")
@@ -64,6 +96,26 @@ def test_build_makes_one_sdist_and_one_wheel_of_the_package_alone(clone, dist):
     assert [n for n in names if n.startswith(f"dcp_filesystem-{v}.dist-info/") and n.endswith("/LICENSE")]
     with tarfile.open(os.path.join(dist, f"dcp_filesystem-{v}.tar.gz")) as sdist:
         assert f"dcp_filesystem-{v}/LICENSE" in sdist.getnames()
+    with zipfile.ZipFile(os.path.join(dist, f"dcp_filesystem-{v}-py3-none-any.whl")) as wheel:
+        metadata = wheel.read(f"dcp_filesystem-{v}.dist-info/METADATA").decode()
+    assert "Requires-Dist: zlib-ng\n" in metadata and "Classifier: Programming Language :: Python :: 3.11\n" in metadata
+    assert "Torch versions\n==============" in metadata  # the README is the description
+    assert ".. image:: benchmarks/" not in metadata and "<benchmarks/" not in metadata
+
+
+def test_the_index_page_description_has_no_image_or_link_into_the_source_tree():
+    spec = importlib.util.spec_from_file_location("dcp_filesystem_setup", os.path.join(REPO, "setup.py"))
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # defines long_description; setup() runs only as __main__
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+        readme = f.read()
+    assert ".. image:: benchmarks/summary.png" in readme and "<benchmarks/RESULTS.md>`_" in readme
+    description = setup_py.long_description()
+    assert ".. image::" not in description and "<benchmarks/" not in description
+    assert "``benchmarks/RESULTS.md`` (in the source distribution)" in description
+    assert description.replace("``benchmarks/RESULTS.md`` (in the source distribution)", "") == re.sub(
+        r"\.\. image:: benchmarks/summary\.png\n   :alt: .*\n\n", "", readme
+    ).replace(re.search(r"`benchmarks/RESULTS.md\s+<benchmarks/RESULTS.md>`_", readme).group(0), "")
 
 
 def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_path):
@@ -137,10 +189,25 @@ def make_n(clone, target):
 
 def test_readme_commands_create_the_venv_then_run(clone):
     venv = make_n(clone, "venv")
-    assert venv[0] == "python3 -m venv --system-site-packages .venv"
-    assert venv[-1] == "touch .venv/.ready"
-    assert make_n(clone, "demo") == venv + [".venv/bin/python examples/demo.py"]
+    base = [
+        "python3 -m venv --system-site-packages .venv",
+        '.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"',
+        ".venv/bin/python -m pip install -q zlib-ng",
+        "touch .venv/.base",
+    ]
+    assert venv[:4] == base and venv[-1] == "touch .venv/.ready"
+    assert venv[4].startswith(".venv/bin/python -m pip install -q pytest ") and "moto[server]" in venv[4]
+    # make demo installs what the demo uses (torch, the package's requirements) and none of the test tools.
+    assert make_n(clone, "demo") == base + [".venv/bin/python examples/demo.py"]
     assert make_n(clone, "test") == venv + [".venv/bin/python -m pytest -q tests"]
+
+
+def test_make_demo_installs_the_packages_requirements():
+    with open(os.path.join(REPO, "setup.cfg")) as f:
+        requires = re.search(r"^install_requires =\n((?:    .*\n)+)", f.read(), re.M).group(1).split()
+    with open(os.path.join(REPO, "Makefile")) as f:
+        make_requires = re.search(r"^REQUIRES := (.*)$", f.read(), re.M).group(1).split()
+    assert requires == ["torch>=2.1"] + make_requires == ["torch>=2.1", "zlib-ng"]
 
 
 def test_demo_from_the_clone_is_bit_exact_and_verified(clone):

@@ -375,7 +375,7 @@ def test_write_docs_replaces_only_the_summary(bench, tmp_path, capsys):
     for r in rows:
         r.update(storage_s=None, outside_storage_s=None, vs_stock=None, vs_raw=None, ceiling_vs_stock=None,
                  peak_rss_mib=0, seconds=[r["median_s"]] * 3, storage_seconds=[None] * 3)
-    bench.write_docs(fake_header(quick=True), rows, repo=str(tmp_path))
+    bench.write_docs(fake_header(quick=True, crc32="zlib-ng 9.9.9"), rows, repo=str(tmp_path))
     written = (tmp_path / "README.rst").read_text(encoding="utf-8")
     start, end = bench.SUMMARY_START + "\n", bench.SUMMARY_END + "\n"
     assert written.split(start)[0] == readme.split(start)[0]
@@ -388,7 +388,8 @@ def test_write_docs_replaces_only_the_summary(bench, tmp_path, capsys):
     assert results.startswith("# dcp_filesystem benchmark results\n\n**A --quick run**")
     assert "- command: `python benchmarks/bench.py` (from the repository root)\n- date: 2030-01-02T03:04:05\n" \
            "- machine: Fake CPU, 2 cores, 1.0 GiB memory, X; scratch directory on ext4\n" \
-           "- torch 9.9, Python 3.9.0\n" in results
+           "- torch 9.9, Python 3.9.0\n" \
+           "- CRC-32: zlib-ng 9.9.9 (dcp_filesystem's checksums; zlib-ng is an install requirement)\n" in results
     charted = "left as it was" not in capsys.readouterr().err  # matplotlib installed
     assert ("summary.png" in os.listdir(str(tmp_path / "benchmarks"))) == charted
 
@@ -416,3 +417,97 @@ def test_cold_runs_time_each_load_warm_and_cold(bench, tmp_path, monkeypatch):
     assert len(drops) == 4  # before each cold load only
     bench.add_ratios(rows)
     assert rows[4]["vs_stock"] is None and rows[4]["vs_raw"] == rows[4]["gb_per_s"] / rows[5]["gb_per_s"]
+
+
+def read_readme():
+    with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as f:
+        return f.read()
+
+
+def section_line(text, title):
+    lines = text.splitlines()
+    return next(i for i, line in enumerate(lines) if line == title and set(lines[i + 1]) == {"="})
+
+
+def test_the_first_screen_tells_torch_2_1_users_what_to_call():
+    screen = " ".join("\n".join(read_readme().splitlines()[:FIRST_SCREEN]).split())
+    assert ("Torch 2.1 has no ``dcp.save``: call ``dcp.save_state_dict``/``dcp.load_state_dict`` with "
+            "``no_dist=True`` (`Torch versions`_).") in screen
+    assert "only the import changes" not in screen  # not true on 2.1
+
+
+def test_the_per_version_notes_come_before_the_benchmark_and_the_long_sections():
+    text = read_readme()
+    versions = section_line(text, "Torch versions")
+    assert versions < section_line(text, "Benchmark") < section_line(text, "Supported torch and Python")
+    assert versions < 100, versions
+    notes = text.splitlines()[versions:section_line(text, "Benchmark")]
+    assert [line.split(":")[0] for line in notes if line.startswith("- 2.") or line.startswith("- Python")] == [
+        "- 2.1", "- 2.1-2.5", "- 2.2", "- 2.2 and 2.3", "- 2.4-2.6", "- 2.4-2.6", "- 2.8+", "- 2.9-2.11", "- 2.15", "- Python 3.9"]
+
+
+def test_the_readme_names_the_version_of_the_package():
+    import dcp_filesystem
+
+    assert f"Version {dcp_filesystem.__version__}. From a checkout" in read_readme()
+
+
+def test_the_readme_quotes_no_test_counts_or_durations_that_change_with_every_commit():
+    text = " ".join(read_readme().split())
+    assert re.findall(r"\b\d+ (?:passed|skipped|failed)\b|\b\d+ +\d+ +0\n|about \d+ min|\d+ min\b", text) == []
+    assert "CUDA tests without a GPU" in text  # no count of them
+
+
+STOCK_READS = (
+    "Stock torch's ``FileSystemReader`` loads its TORCH_SAVE checkpoints (the default) on the same or a newer "
+    "torch, and no SAFETENSORS checkpoint on any torch, its own included."
+)
+STOCK_READS_DETAIL = (
+    "- TORCH_SAVE, the default: on every version, the same torch or a newer one (older torches as far as stock "
+    "torch reads its own newer checkpoints). - SAFETENSORS: on no version. Stock torch 2.8+ cannot read the "
+    "SAFETENSORS checkpoints it writes either (``UnpicklingError: Weights only load failed ... Unsupported "
+    "operand 64``); torch < 2.8 has no such format."
+)
+
+
+def test_what_the_readme_says_stock_torch_reads_is_what_this_torch_reads(tmp_path):
+    """Checked against the installed stock torch, so on every CI cell."""
+    text = " ".join(read_readme().split())
+    assert STOCK_READS in text and STOCK_READS_DETAIL in text
+    from dcp_filesystem import FileSystemWriter, SerializationFormat
+
+    for fmt in (SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS):
+        dcp_save({"w": torch.arange(8.0), "step": 3}, FileSystemWriter(str(tmp_path / fmt.name),
+                                                                        serialization_format=fmt))
+    out = run_clean_python(
+        """
+        import json, sys, warnings
+        import torch
+        import torch.distributed.checkpoint.filesystem as stock
+        from helpers import dcp_load
+        warnings.simplefilter("ignore")
+        result = {}
+        for name in ("TORCH_SAVE", "SAFETENSORS"):
+            loaded = {"w": torch.zeros(8), "step": 0}
+            try:
+                dcp_load(loaded, stock.FileSystemReader(name))
+                result[name] = loaded["w"].tolist() == list(range(8))
+            except BaseException as e:  # CheckpointException derives from BaseException
+                result[name] = type(e).__name__
+        assert "dcp_filesystem" not in sys.modules
+        print(json.dumps(result))
+        """,
+        cwd=str(tmp_path),
+    )
+    result = json.loads(out)
+    assert result["TORCH_SAVE"] is True
+    assert result["SAFETENSORS"] is not True, result  # it raised
+    if hasattr(torch.distributed.checkpoint.filesystem, "SerializationFormat"):  # 2.8+: stock's own fails too
+        import torch.distributed.checkpoint.filesystem as stock
+        from helpers import dcp_load
+
+        stock_path = str(tmp_path / "stock_safetensors")
+        dcp_save({"w": torch.arange(8.0)}, stock.FileSystemWriter(
+            stock_path, serialization_format=stock.SerializationFormat.SAFETENSORS))
+        with pytest.raises(BaseException, match="Weights only load failed|Unsupported operand 64"):
+            dcp_load({"w": torch.zeros(8)}, stock.FileSystemReader(stock_path))
