@@ -341,7 +341,8 @@ def test_a_path_that_is_no_checkpoint_directory_prints_one_error_line(tmp_path, 
     path = tmp_path / "ckpt"
     if kind == "file":
         path.write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, "-m", "dcp_filesystem", command, str(path)], cwd=REPO,
+    # -W ignore: torch 2.1 without NumPy warns on import ("Failed to initialize NumPy"), which is not ours.
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "dcp_filesystem", command, str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (2, "")
     error = ("NotADirectoryError: [Errno 20] Checkpoint path is not a directory" if kind == "file"
@@ -356,8 +357,8 @@ def test_a_vendored_copy_names_itself_in_its_usage_line(tmp_path):
     (tmp_path / "yourpkg" / "__init__.py").write_text("")
     (vendor / "__init__.py").write_text("")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "yourpkg._vendor.dcp_filesystem", "verify"], cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "yourpkg._vendor.dcp_filesystem", "verify"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0] == "usage: python -m yourpkg._vendor.dcp_filesystem verify [-h] [--json] path"
 
