@@ -160,8 +160,8 @@ def test_each_step_of_a_save_against_each_step_of_another(tmp_path):
     fmt = SerializationFormat.TORCH_SAVE
     steps = steps_of_a_save(tmp_path, fmt, committed=True)
     seen = set()
-    for i in range(1, len(steps) + 1, 2):
-        for j in range(1, len(steps) + 1, 2):
+    for i in range(1, len(steps) + 1):
+        for j in range(1, len(steps) + 1):
             path = tmp_path / f"a{i}b{j}"
             dcp_save(state_of(1), FileSystemWriter(path))
             writer_a, writer_b = pausing_writer(path, fmt, i), pausing_writer(path, fmt, j)
