@@ -339,9 +339,9 @@ def test_an_adopted_file_system_gets_every_argument(tmp_path):
             calls.append(("create_stream", kwargs))
             return super().create_stream(path, mode)
 
-        def exists(self, path, **kwargs):
+        def exists(self, path, **kwargs):  # torch 2.3's FileSystem has no exists of its own
             calls.append(("exists", kwargs))
-            return super().exists(path)
+            return os.path.exists(path)
 
     writer = FileSystemWriter(tmp_path / "c")
     writer.fs = Recording()
