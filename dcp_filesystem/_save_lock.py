@@ -68,10 +68,10 @@ def lock_file_name(rank: Optional[int] = None) -> str:
 
 
 def _ref(owner: Any, file: IO[bytes]) -> Callable[[], Any]:
-    """``owner`` by weak reference; once it is collected, ``file`` is closed, and the lock with it."""
+    """``owner`` by weak reference; should it be collected while it holds the lock, ``file`` is closed, and
+    the lock goes with it (once the table drops the reference, nothing is called)."""
     try:
-        weakref.finalize(owner, file.close)
-        return weakref.ref(owner)
+        return weakref.ref(owner, lambda _: file.close())
     except TypeError:  # a writer that cannot be weakly referenced: held until it gives the lock back
         return lambda: owner
 
