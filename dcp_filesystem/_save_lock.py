@@ -101,7 +101,7 @@ def _flock(path: str, directory: PathLike) -> Optional[IO[bytes]]:
     except ImportError:  # not a POSIX system
         return None
     while True:
-        file = open(path, "a+b")
+        file = open(path, "a+b", buffering=0)  # unbuffered: nothing is left to flush when it closes
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -150,11 +150,12 @@ def acquire(owner: Any, fs: FileSystemBase, directory: PathLike, rank: Optional[
         file = _flock(key, directory)
         if file is None:
             return
-        file.truncate(0)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-        file.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}".encode())
-        file.flush()
         _held[key] = (_ref(owner, file), file)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        with contextlib.suppress(OSError):  # who holds it, for the error of a save that finds it taken; a full
+            file.truncate(0)  # disk must fail the save where its data goes, not here
+            file.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {stamp}".encode())
+            file.flush()
 
 
 def release(owner: Any) -> None:

@@ -8,6 +8,7 @@ the 16 MiB save fail too.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -115,3 +116,28 @@ def test_a_killed_saves_leftover_does_not_fill_the_disk_for_the_next_save(small_
     save(path, weights(16, seed=3), fmt)
     assert sorted(os.listdir(path)) == referenced(path)
     assert_state_equal(weights(16, seed=3), load(path, 16))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+def test_a_save_onto_a_disk_with_no_room_at_all_fails_where_its_data_goes(small_disk, fmt):
+    """Even the save lock's line about its holder finds no room: the save fails on its data file, as it
+    would without the lock, and leaves neither the lock file nor anything else behind."""
+    path = small_disk / "ckpt"
+    save(path, weights(8, seed=1), fmt)
+    old = digests(path)
+    with open(small_disk / "filler", "wb", buffering=0) as f:
+        for size in (MiB, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(size))
+    assert free_bytes(small_disk) == 0
+    with pytest.raises(BaseException) as info:
+        save(path, weights(1, seed=2), fmt)
+    error = raised_error(info.value)
+    assert type(error) is OSError and error.errno == errno.ENOSPC
+    assert error.filename.endswith(".distcp"), error.filename
+    assert digests(path) == old
+    os.remove(small_disk / "filler")
+    save(path, weights(1, seed=3), fmt)
+    assert sorted(os.listdir(path)) == referenced(path)
+    assert_state_equal(weights(1, seed=3), load(path, 1))
