@@ -443,7 +443,8 @@ def test_the_per_version_notes_come_before_the_benchmark_and_the_long_sections()
     assert versions < 100, versions
     notes = text.splitlines()[versions:section_line(text, "Benchmark")]
     assert [line.split(":")[0] for line in notes if line.startswith("- 2.") or line.startswith("- Python")] == [
-        "- 2.1", "- 2.1-2.5", "- 2.2", "- 2.2 and 2.3", "- 2.4-2.6", "- 2.4-2.6", "- 2.8+", "- 2.9-2.11", "- 2.15", "- Python 3.9"]
+        "- 2.1", "- 2.1-2.5", "- 2.2", "- 2.2 and 2.3", "- 2.4-2.6", "- 2.4-2.6", "- 2.8+", "- 2.9-2.11", "- 2.15",
+        "- Python 3.9"]
 
 
 def test_the_readme_names_the_version_of_the_package():
