@@ -83,7 +83,8 @@ def describe(path: str, metadata: Metadata) -> Dict[str, Any]:
     per_file: Dict[str, List[Any]] = {}
     transforms = set()
     for index, info in metadata.storage_data.items():
-        _storage_file(path, index, info)
+        if info.relative_path not in per_file:  # once per file, as a load checks
+            _storage_file(path, index, info)
         per_file.setdefault(info.relative_path, []).append((index.offset is not None, info))
         transforms.update(transform_descriptors_of(info))
     files: Dict[str, Optional[int]] = {}

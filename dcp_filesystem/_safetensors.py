@@ -213,19 +213,26 @@ def is_ours(info: Any) -> bool:
     return bool(getattr(info, _OURS_FIELD, False))
 
 
-def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
-    """The entry of a marked item, from the checkpoint's metadata of its tensor (``TensorStorageMetadata``);
-    None for an unmarked item or where the metadata has no chunk at the item's offsets."""
-    if not is_ours(info):
-        return None
+def metadata_chunk(tensor: Any, index: Any) -> Any:
+    """The chunk of a tensor's metadata (``TensorStorageMetadata``) that the item ``index`` (a MetadataIndex)
+    stores; None where it has none at the item's offsets."""
     chunks = getattr(tensor, "chunks", None) or []
     hint = getattr(index, "index", None)
     chunk = chunks[hint] if hint is not None and 0 <= hint < len(chunks) else None
     if chunk is None or (index.offset is not None and chunk.offsets != index.offset):  # torch.Size both
         offset = None if index.offset is None else tuple(index.offset)
         chunk = next((c for c in chunks if offset is None or tuple(c.offsets) == offset), None)
-        if chunk is None:
-            return None
+    return chunk
+
+
+def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
+    """The entry of a marked item, from the checkpoint's metadata of its tensor (``TensorStorageMetadata``);
+    None for an unmarked item or where the metadata has no chunk at the item's offsets."""
+    if not is_ours(info):
+        return None
+    chunk = metadata_chunk(tensor, index)
+    if chunk is None:
+        return None
     shape = tuple(chunk.sizes)
     dtype = tensor.properties.dtype
     if numel(shape) * dtype.itemsize != info.length:

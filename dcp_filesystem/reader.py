@@ -568,9 +568,10 @@ class FileSystemReader(StorageReader):
         if not descriptors:
             return payload
         limit, why = MAX_VALUE_BYTES, "a non-tensor value"
-        chunk = None if req.type == LoadItemType.BYTE_IO else self._chunk(req)
+        tensor = self._tensors.get(req.storage_index.fqn)
+        chunk = None if req.type == LoadItemType.BYTE_IO else _safetensors.metadata_chunk(tensor, req.storage_index)
         if chunk is not None:
-            nbytes = numel(chunk[0]) * chunk[1].itemsize
+            nbytes = numel(chunk.sizes) * tensor.properties.dtype.itemsize
             limit, why = nbytes + ARCHIVE_RECORDS_BYTES, f"a {nbytes}-byte tensor and its archive's records"
         decoded = read_at_most(self.transforms.transform_load_stream(req, descriptors, io.BytesIO(payload)), limit)
         if decoded is None:
@@ -579,15 +580,6 @@ class FileSystemReader(StorageReader):
                 "(damaged or hostile checkpoint): decoding stopped there"
             )
         return decoded
-
-    def _chunk(self, req: ReadItem) -> Optional[Tuple[Any, torch.dtype]]:
-        """The sizes and dtype of the stored chunk a tensor item reads, as the metadata records them."""
-        tensor = self._tensors.get(req.storage_index.fqn)
-        offsets = req.storage_index.offset
-        for chunk in getattr(tensor, "chunks", None) or ():
-            if offsets is None or tuple(chunk.offsets) == tuple(offsets):
-                return chunk.sizes, tensor.properties.dtype
-        return None
 
     def _get_metadata_path(self, rank: Optional[int] = None) -> PathLike:
         return self.fs.concat_path(self.path, metadata_file_name(rank))

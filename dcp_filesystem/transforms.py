@@ -106,8 +106,8 @@ _FIRST_READ_BYTES = 1 << 20
 
 
 def read_at_most(stream: IO[bytes], limit: int) -> Optional[bytearray]:
-    """All of ``stream``, or None as soon as it holds more than ``limit`` bytes (never holding more than
-    ``limit`` + 1 of them at once, nor asking for more than it has read so far)."""
+    """All of ``stream``, or None as soon as it holds more than ``limit`` bytes: while reading, never more
+    than ``limit`` + 1 of them, nor asking for more than it has read so far (the parts, then one copy)."""
     parts: List[bytes] = []
     total = 0
     while total <= limit:
