@@ -1,4 +1,5 @@
-"""``python -m dcp_filesystem``: inspect or verify a checkpoint, or measure save and load on your own storage."""
+"""``python -m dcp_filesystem``: inspect or verify a checkpoint, export one to Hugging Face, or measure save and
+load on your own storage."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import IO, Any, Dict, List, Optional, Sequence
 
 import torch
@@ -20,8 +22,11 @@ from ._bytes import numel
 from ._checksum import check, stored_crc32
 from ._crc import crc32
 from ._format import Stored, describe_item, metadata_file_name, stored_as, transform_descriptors_of
+from ._hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
+from ._hf_layout import INDEX_FILE_NAME, SUFFIX
 from ._paths import check_storage_file, open_regular
 from ._torch_save import ZIP_MAGIC, archive_members
+from .hf_storage import HuggingFaceStorageReader
 from .reader import FileSystemReader
 
 _VERIFY_STEP_BYTES = 8 << 20
@@ -151,11 +156,20 @@ def _verify_entry(reader: FileSystemReader, metadata: Metadata, fqn: str, item: 
     reader.read_data(planner.finish_plan(plans[0]), planner).wait()
 
 
+def _reader(path: str) -> FileSystemReader:
+    """The reader of the checkpoint in ``path``: a Hugging Face directory's (no ``.metadata``, an index or
+    ``*.safetensors`` files) or a DCP checkpoint's."""
+    if os.path.isdir(path) and not any(name.endswith(".metadata") for name in os.listdir(path)):
+        if any(name == INDEX_FILE_NAME or name.endswith(SUFFIX) for name in os.listdir(path)):
+            return HuggingFaceStorageReader(path)
+    return FileSystemReader(path)
+
+
 def _read_metadata(path: str) -> Optional[Metadata]:
     logger = logging.getLogger(__package__)
     disabled, logger.disabled = logger.disabled, True  # the reader's ERROR line would repeat the one below
     try:
-        return FileSystemReader(path).read_metadata()
+        return _reader(path).read_metadata()
     except Exception as e:
         print(f"error: cannot read the checkpoint metadata: {type(e).__name__}: {e}", file=sys.stderr)
         return None
@@ -183,7 +197,7 @@ def _verify(args: argparse.Namespace) -> int:
     metadata = _read_metadata(args.path)
     if metadata is None:
         return 2
-    reader = FileSystemReader(args.path)
+    reader = _reader(args.path)
     items = sorted(metadata.state_dict_metadata.items())
     progress = sys.stderr.isatty()
     # Every recorded checksum, also of bytes no load reads (the archive of an empty tensor).
@@ -292,6 +306,35 @@ def _unchecked(metadata: Metadata, errors: Dict[str, str]) -> List[str]:
     )
 
 
+class _Progress:
+    """export-hf's progress line on stderr, rewritten in place at most a few times a second."""
+
+    def __init__(self) -> None:
+        self.shown = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.shown < 0.25:
+            return
+        self.shown = now
+        end = "\n" if done >= total else ""
+        print(f"\rexport-hf: {done / 1e9:.2f} of {total / 1e9:.2f} GB", end=end, file=sys.stderr, flush=True)
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    try:
+        exported = export_hf(args.checkpoint, args.out, args.max_shard_size, args.skip_non_tensors,
+                             not args.no_sync, _Progress())
+    except Exception as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {exported.tensors} tensors, {exported.nbytes} bytes, into {len(exported.files)} file(s) "
+          f"and {INDEX_FILE_NAME} in {args.out}")
+    if exported.skipped:
+        print(f"left out {len(exported.skipped)} non-tensor value(s): {', '.join(exported.skipped)}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # A vendored copy runs as python -m yourpkg._vendor.dcp_filesystem.
     parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description="DCP checkpoint tools.")
@@ -309,7 +352,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "`make bench` (benchmarks/bench.py) of a source checkout.",
     )
     _bench.add_arguments(bench)
+    text = "write a DCP checkpoint as a Hugging Face directory of safetensors files"
+    export = commands.add_parser(
+        "export-hf", help=text, description=f"{text} (model-0000i-of-0000N.safetensors and "
+        f"{INDEX_FILE_NAME}), reading it a tensor or a batch of tensors at a time.",
+    )
+    export.add_argument("checkpoint", help="DCP checkpoint directory (any world size, either format)")
+    export.add_argument("out", help="output directory (created; must not hold a Hugging Face checkpoint already)")
+    export.add_argument("--max-shard-size", type=_bench.parse_size, default=DEFAULT_MAX_SHARD_SIZE,
+                        help="the most tensor bytes per file, e.g. 5GB (the default), 500MB")
+    export.add_argument("--skip-non-tensors", action="store_true",
+                        help="leave non-tensor values out (by default they are refused, by name)")
+    export.add_argument("--no-sync", action="store_true", help="do not fsync the files written")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench.run(args)
+    if args.command == "export-hf":
+        return _export_hf(args)
     return _inspect(args) if args.command == "inspect" else _verify(args)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.planner import WriteItem
@@ -29,6 +30,12 @@ DCP_VERSION_VALUE = "1.0"
 FORMAT_KEY = "format"
 FORMAT_VALUE = "pt"
 BYTE_IO_KEY = "DCP_BYTE_IO"
+# In ``__metadata__`` (whose values must be strings): a JSON object of entry key -> the CRC-32 of the entry's
+# bytes as 8 hex digits, or CRC32_UNKNOWN where the file was not finished. Written where the writer can go
+# back to the header once the entries' bytes are written (see with_crc32s).
+CRC32_KEY = "DCP_CRC32"
+CRC32_UNKNOWN = "--------"
+_HEX8 = re.compile("[0-9a-f]{8}")
 HEADER_METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000
 _OURS_FIELD = "safetensors_entry"  # in an item's storage info: see mark_ours
@@ -93,9 +100,10 @@ def _encode_header(entries: Sequence[Tuple[str, torch.dtype, Sequence[int], int]
 
 
 def file_layout(
-    byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem]
+    byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem], crc32_room: bool = False
 ) -> Tuple[bytes, Dict[int, Tuple[str, int]]]:
-    """The header of a data file holding these items in this order and, per item id, its key and byte count."""
+    """The header of a data file holding these items in this order and, per item id, its key and byte count;
+    with ``crc32_room``, with CRC32_UNKNOWN for each entry's CRC-32 (filled in by with_crc32s)."""
     fqn_counts: Dict[str, int] = {}
     for wi in tensor_items:
         fqn_counts[wi.index.fqn] = fqn_counts.get(wi.index.fqn, 0) + 1
@@ -116,7 +124,59 @@ def file_layout(
     metadata = {SHARDING_INFO_KEY: json.dumps(sharding), DCP_VERSION_KEY: DCP_VERSION_VALUE, FORMAT_KEY: FORMAT_VALUE}
     if byte_items:
         metadata[BYTE_IO_KEY] = json.dumps([wi.index.fqn for wi, _ in byte_items])
+    if crc32_room:
+        metadata[CRC32_KEY] = crc32_room_for(key for key, *_ in entries)
     return _encode_header(entries, metadata), layout
+
+
+def encode_header(entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]], metadata: Dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a file holding whole tensors of these dtypes and shapes back to back."""
+    return _encode_header([(key, dtype, shape, numel(shape) * dtype.itemsize) for key, dtype, shape in entries],
+                          metadata)
+
+
+def crc32_room_for(keys: Iterable[str]) -> str:
+    """The CRC32_KEY value a header holds until its entries' CRC-32s are known: the same length as theirs."""
+    return json.dumps({key: CRC32_UNKNOWN for key in keys}, separators=(",", ":"))
+
+
+def with_crc32s(header: bytes, crcs: Dict[str, int]) -> bytes:
+    """``header`` (from file_layout or encode_header, with room for CRC-32s) with these CRC-32s filled in:
+    bytes of the same length, to be written over it."""
+    parsed = json.loads(header[8:])
+    room = json.loads(parsed[HEADER_METADATA_KEY][CRC32_KEY])
+    if set(room) != set(crcs):
+        raise AssertionError(f"CRC-32s for {sorted(crcs)}, but the header has room for {sorted(room)}")
+    parsed[HEADER_METADATA_KEY][CRC32_KEY] = json.dumps(
+        {key: f"{crcs[key] & 0xFFFFFFFF:08x}" for key in room}, separators=(",", ":")
+    )
+    text = json.dumps(parsed, separators=(",", ":")).encode("utf-8")
+    if len(text) > len(header) - 8:
+        raise AssertionError("a header with its CRC-32s filled in is longer than the header it replaces")
+    return header[:8] + text + b" " * (len(header) - 8 - len(text))
+
+
+def recorded_crc32s(header: Header, where: str) -> Dict[str, int]:
+    """The CRC-32 the header records for each of its entries (those written before the file was finished, or
+    by another writer, have none)."""
+    text = header.metadata.get(CRC32_KEY)
+    if text is None:
+        return {}
+    try:
+        recorded = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{where}: safetensors header's {CRC32_KEY} is not a JSON object of CRC-32s: {text!r}")
+    crcs: Dict[str, int] = {}
+    for key, value in recorded.items():
+        if value == CRC32_UNKNOWN:
+            continue
+        if key not in header.entries or not isinstance(value, str) or not _HEX8.fullmatch(value):
+            raise ValueError(f"{where}: safetensors header's {CRC32_KEY} has {value!r} for {key!r}, "
+                             "which is no entry's CRC-32 (8 hex digits)")
+        crcs[key] = int(value, 16)
+    return crcs
 
 
 def looks_like_header(head: bytes) -> bool:

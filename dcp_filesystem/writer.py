@@ -136,6 +136,7 @@ def _write_one_file(
     transforms: _StorageWriterTransforms,
     loader: _TensorLoader,
     serialization_format: SerializationFormat,
+    crc32_room: bool = False,
 ) -> List[WriteResult]:
     tensor_items = [wi for wi in write_items if wi.type != WriteItemType.BYTE_IO]
     byte_items = [(wi, planner.resolve_data(wi)) for wi in write_items if wi.type == WriteItemType.BYTE_IO]
@@ -143,7 +144,7 @@ def _write_one_file(
     if safetensors:
         # The header comes first, so the order is fixed now: both loaders keep a size-sorted order.
         tensor_items.sort(key=_item_size)
-        header, layout = file_layout(byte_items, tensor_items)
+        header, layout = file_layout(byte_items, tensor_items, crc32_room)
         stream.write(header)
     for wi in tensor_items:
         loader.add(_item_size(wi), wi)
@@ -187,8 +188,10 @@ def _write_files_from_queue(
     use_fsync: bool,
     thread_count: int,
     serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+    crc32_room: bool = False,
 ) -> None:
-    """Write files from ``file_queue`` until it is empty, putting each file's results on ``result_queue``."""
+    """Write files from ``file_queue`` until it is empty, putting each file's results on ``result_queue``.
+    ``crc32_room``: SAFETENSORS headers get room for their entries' CRC-32s (see _safetensors.with_crc32s)."""
     stream_for_copies = _thread_stream(thread_count)
     while True:
         try:
@@ -201,7 +204,7 @@ def _write_files_from_queue(
                 stream = with_early_writeback(stream)
             checksumming = ChecksummingWriter(stream)
             results = _write_one_file(
-                checksumming, storage_key, write_items, planner, transforms, loader, serialization_format
+                checksumming, storage_key, write_items, planner, transforms, loader, serialization_format, crc32_room
             )
             checksumming.flush()  # its gathered small writes
             if use_fsync:
@@ -218,6 +221,8 @@ class _FileSystemWriter(StorageWriter):
     """
 
     fs = FileSystemAttribute()
+    # Whether SAFETENSORS headers get room for their entries' CRC-32s, which a subclass fills in once written.
+    _crc32_room = False
 
     def __init__(
         self,
@@ -402,6 +407,7 @@ class _FileSystemWriter(StorageWriter):
                     self.sync_files,
                     workers,
                     self.serialization_format,
+                    self._crc32_room,
                 )
 
         try:

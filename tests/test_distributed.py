@@ -184,8 +184,8 @@ os._exit(0)
 """
 
 
-def run_two_ranks(worker, out):
-    """Run ``worker`` (Python source) as ranks 0 and 1 of a gloo group; returns what each saved to rank{r}.pt."""
+def run_two_ranks(worker, out, world=WORLD):
+    """Run ``worker`` (Python source) as the ``world`` ranks of a gloo group; returns what each saved to rank{r}.pt."""
     if not dist.is_gloo_available():
         pytest.skip("this torch was built without gloo")
     init = out / "init_store"
@@ -194,7 +194,7 @@ def run_two_ranks(worker, out):
     env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     procs = []
     logs = []
-    for rank in range(WORLD):
+    for rank in range(world):
         log = open(str(out / f"rank{rank}.log"), "w+")
         logs.append(log)
         procs.append(
@@ -221,8 +221,8 @@ def run_two_ranks(worker, out):
         log.close()
     codes = [p.returncode for p in procs]
     logs_text = "\n---\n".join(t[-6000:] for t in texts)
-    assert codes == [0, 0], f"workers failed {codes}:\n{logs_text}"
-    return [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    assert codes == [0] * world, f"workers failed {codes}:\n{logs_text}"
+    return [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,300 @@
+"""Writing Hugging Face files of full tensors from their parts, in bounded memory.
+
+Consolidation (the shard files of a distributed save, one per rank, into ``model-0000i-of-0000N`` files)
+and ``export-hf`` (any DCP checkpoint into the same) write files the same way: each output file front to
+back, its header first (every entry's dtype and shape are known before any byte is read), then its tensors
+in order, a batch of regions at a time: whole tensors up to ``BATCH_BYTES`` together, larger ones in slabs
+of rows along their first dimension. A source fills each region from wherever its parts are; the batch is
+written out and freed before the next one is read, so memory stays near ``BATCH_BYTES`` whatever the
+tensors' sizes. Each file is written under a temporary name, with every entry's CRC-32 filled into its
+header at the end, then renamed into place; the index comes last.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from . import _safetensors
+from ._bytes import numel, tensor_bytes
+from ._checksum import ChecksummingWriter
+from ._crc import crc32
+from ._hf_layout import INDEX_FILE_NAME, Chunk, Tensor, file_name, index_bytes, names, scan
+from ._parallel import for_each
+from ._paths import open_regular
+from .fs import FileSystem
+
+logger = logging.getLogger(__package__)
+
+BATCH_BYTES = 64 << 20
+
+
+class Region(NamedTuple):
+    """Rows ``[begin, end)`` along the first dimension of tensor ``fqn`` (all of a 0-d tensor), to be filled
+    into ``out``."""
+
+    fqn: str
+    begin: int
+    end: int
+    out: torch.Tensor
+
+
+# Fills every region of a batch with its tensor's bytes.
+Source = Callable[[List[Region]], None]
+
+
+class OutputTensor(NamedTuple):
+    fqn: str
+    dtype: torch.dtype
+    size: Tuple[int, ...]
+
+
+def _rows(size: Sequence[int]) -> int:
+    return size[0] if size else 1
+
+
+def batches(tensors: Sequence[OutputTensor], batch_bytes: int = BATCH_BYTES) -> Iterator[List[Region]]:
+    """The regions of ``tensors``, in order, grouped into batches of at most ``batch_bytes`` (a single row
+    larger than that is a batch of its own). Each region's ``out`` is allocated as its batch is made."""
+    batch: List[Region] = []
+    held = 0
+    for tensor in tensors:
+        nbytes = numel(tensor.size) * tensor.dtype.itemsize
+        if nbytes == 0:
+            batch.append(Region(tensor.fqn, 0, _rows(tensor.size), torch.empty(tensor.size, dtype=tensor.dtype)))
+            continue
+        rows = _rows(tensor.size)
+        row_bytes = nbytes // rows
+        begin = 0
+        while begin < rows:
+            if held and held + row_bytes > batch_bytes:
+                yield batch
+                batch, held = [], 0
+            end = min(rows, begin + max(1, (batch_bytes - held) // row_bytes))
+            shape = (end - begin, *tensor.size[1:]) if tensor.size else ()
+            batch.append(Region(tensor.fqn, begin, end, torch.empty(shape, dtype=tensor.dtype)))
+            held += (end - begin) * row_bytes
+            begin = end
+    if batch:
+        yield batch
+
+
+class OutputFile:
+    """One safetensors file of whole tensors, written front to back under a temporary name: ``write`` each
+    tensor's bytes in the order of ``tensors``, then ``commit`` (CRC-32s into the header, sync, rename)."""
+
+    def __init__(self, path: str, tensors: Sequence[OutputTensor], metadata: Dict[str, str]) -> None:
+        self.path = path
+        self.tmp_path = path + ".tmp"
+        keys = [t.fqn for t in tensors]
+        metadata = {**metadata, _safetensors.CRC32_KEY: _safetensors.crc32_room_for(keys)}
+        self.header = _safetensors.encode_header([(t.fqn, t.dtype, t.size) for t in tensors], metadata)
+        self._sizes = [(t.fqn, numel(t.size) * t.dtype.itemsize) for t in tensors]
+        self._at = -1  # the entry being written
+        self._left = 0  # its bytes still to come
+        self.crcs: Dict[str, int] = {}
+        self._file = open(self.tmp_path, "wb")
+        try:
+            self._stream = ChecksummingWriter(self._file)
+            self._stream.write(self.header)
+            self._advance()
+        except BaseException:
+            self.discard()
+            raise
+
+    def _advance(self) -> None:
+        """Past every finished entry (an empty one at once), recording its CRC-32; on to the next."""
+        while self._left == 0 and self._at < len(self._sizes):
+            if self._at >= 0:
+                self.crcs[self._sizes[self._at][0]] = self._stream.crc
+            self._at += 1
+            if self._at < len(self._sizes):
+                self._stream.start_item()
+                self._left = self._sizes[self._at][1]
+
+    def write(self, fqn: str, data: memoryview) -> None:
+        """The next bytes of tensor ``fqn``, which must be the one being written."""
+        if not len(data):
+            return
+        key = self._sizes[self._at][0] if self._at < len(self._sizes) else None
+        if fqn != key or len(data) > self._left:
+            raise AssertionError(f"{self.path}: {len(data)} bytes of {fqn!r} do not fit where {key!r} is written")
+        self._stream.write(data)
+        self._left -= len(data)
+        self._advance()
+
+    def commit(self, sync: bool) -> None:
+        try:
+            if self._at < len(self._sizes):
+                raise AssertionError(f"{self.path}: closed before all of its tensors were written")
+            self._stream.flush()
+            os.pwrite(self._file.fileno(), _safetensors.with_crc32s(self.header, self.crcs), 0)
+            if sync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        self._file.close()
+        try:
+            os.remove(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+
+def write_files(
+    out_dir: str,
+    files: Dict[str, List[OutputTensor]],
+    source: Source,
+    metadata: Dict[str, str],
+    sync: bool = True,
+    threads: int = 1,
+    progress: Optional[Callable[[str, int], None]] = None,
+) -> None:
+    """Write each output file (name -> its tensors, in order) from ``source``, then the index. ``progress(name,
+    nbytes)`` is called after each batch written."""
+
+    def write_file(name: str) -> None:
+        output = OutputFile(os.path.join(out_dir, name), files[name], metadata)
+        try:
+            for batch in batches(files[name]):
+                source(batch)
+                for region in batch:
+                    output.write(region.fqn, tensor_bytes(region.out))
+                if progress is not None:
+                    progress(name, sum(r.out.numel() * r.out.element_size() for r in batch))
+                del batch
+        except BaseException:
+            output.discard()
+            raise
+        output.commit(sync)
+
+    for_each(list(files), write_file, max(1, min(threads, len(files))), "hf-write")
+    weight_map = {t.fqn: name for name, tensors in files.items() for t in tensors}
+    total_size = sum(numel(t.size) * t.dtype.itemsize for tensors in files.values() for t in tensors)
+    index_path = os.path.join(out_dir, INDEX_FILE_NAME)
+    with open(index_path + ".tmp", "wb") as f:
+        f.write(index_bytes(weight_map, total_size))
+        if sync:
+            os.fsync(f.fileno())
+    os.replace(index_path + ".tmp", index_path)
+    if sync:
+        FileSystem().sync_dir(out_dir)
+
+
+class _ShardFiles:
+    """The source of consolidation: every region read from the chunks of the shard files that cover it. Each
+    chunk's bytes are read once, front to back over the batches, so its CRC-32 is checked as it is read."""
+
+    def __init__(self, directory: str, tensors: Dict[str, Tensor]) -> None:
+        self.directory = directory
+        self.tensors = tensors
+        self._files: Dict[str, object] = {}
+        self._crcs: Dict[Tuple[str, str], Tuple[int, int]] = {}  # (file, key) -> (rows read, CRC-32 so far)
+
+    def _file(self, name: str) -> object:
+        if name not in self._files:
+            self._files[name] = open_regular(os.path.join(self.directory, name))
+        return self._files[name]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()  # type: ignore[attr-defined]
+
+    def __call__(self, batch: List[Region]) -> None:
+        for region in batch:
+            tensor = self.tensors[region.fqn]
+            for chunk in tensor.chunks:
+                self._fill(region, tensor, chunk)
+
+    def _fill(self, region: Region, tensor: Tensor, chunk: Chunk) -> None:
+        shape = chunk.entry.shape
+        first = chunk.offsets[0] if shape else 0
+        begin = max(region.begin, first) - first
+        end = min(region.end, first + _rows(shape)) - first
+        if begin >= end or numel(shape) == 0:
+            return
+        row_bytes = numel(shape[1:]) * tensor.dtype.itemsize
+        into = region.out[first + begin - region.begin : first + end - region.begin] if shape else region.out
+        whole_rows = tuple(shape[1:]) == tuple(tensor.size[1:])
+        part = into if whole_rows else torch.empty((end - begin, *shape[1:]), dtype=tensor.dtype)
+        view = tensor_bytes(part)
+        f = self._file(chunk.file)
+        f.seek(chunk.entry.begin + begin * row_bytes)  # type: ignore[attr-defined]
+        got = f.readinto(view)  # type: ignore[attr-defined]
+        path = os.path.join(self.directory, chunk.file)
+        if got != len(view):
+            raise ValueError(f"{path}: entry {chunk.fqn!r} is cut short (read {got} of {len(view)} bytes)")
+        self._check(chunk, path, begin, end, view)
+        if not whole_rows:
+            for dim, (offset, length) in enumerate(zip(chunk.offsets[1:], shape[1:]), start=1):
+                into = into.narrow(dim, offset, length)
+            into.copy_(part)
+
+    def _check(self, chunk: Chunk, path: str, begin: int, end: int, view: memoryview) -> None:
+        if chunk.crc32 is None:
+            return
+        rows, crc = self._crcs.get((chunk.file, chunk.fqn), (0, 0))
+        if rows != begin:
+            raise AssertionError(f"{path}: entry {chunk.fqn!r} read out of order")
+        crc = crc32(view, crc)
+        self._crcs[(chunk.file, chunk.fqn)] = (end, crc)
+        if end == _rows(chunk.entry.shape) and crc != chunk.crc32:
+            raise ValueError(
+                f"{path}: entry {chunk.fqn!r}: checksum mismatch: its bytes have CRC-32 {crc:#010x}, the header "
+                f"recorded {chunk.crc32:#010x} (damaged file)"
+            )
+
+
+def consolidate_safetensors_files(
+    input_dir: str,
+    output_dir: str,
+    fqn_to_index_mapping: Dict[str, int],
+    num_threads: int = 1,
+) -> None:
+    """
+    Consolidate sharded safetensors files into one or more output files.
+
+    Reads the shard files of a distributed save in ``input_dir`` (each chunk placed by its file's
+    ``DCP_SHARDING_INFO``) and writes every tensor of ``fqn_to_index_mapping`` whole into file
+    ``model-{index}-of-{N}.safetensors`` of ``output_dir`` (N the largest index), then
+    ``model.safetensors.index.json``.
+
+    Args:
+        input_dir: Directory containing sharded safetensors files
+        output_dir: Directory where consolidated files will be written
+        fqn_to_index_mapping: Mapping of tensor names to output file indices (from 1).
+        num_threads: Number of threads to use for parallel processing of saving data to output files.
+    """
+    start = time.perf_counter()
+    tensors, _ = scan(FileSystem(), input_dir)
+    missing = [fqn for fqn in fqn_to_index_mapping if fqn not in tensors]
+    if missing:
+        raise ValueError(f"{input_dir}: no shard file holds {names(missing)} (named by fqn_to_index_mapping)")
+    count = max(fqn_to_index_mapping.values())
+    files: Dict[str, List[OutputTensor]] = {}
+    for fqn, index in fqn_to_index_mapping.items():
+        tensor = tensors[fqn]
+        files.setdefault(file_name(index, count), []).append(OutputTensor(fqn, tensor.dtype, tensor.size))
+    os.makedirs(output_dir, exist_ok=True)
+    # Each thread reads through handles of its own.
+    sources: Dict[int, _ShardFiles] = {}
+
+    def source(batch: List[Region]) -> None:
+        own = sources.setdefault(threading.get_ident(), _ShardFiles(input_dir, tensors))
+        own(batch)
+
+    try:
+        write_files(output_dir, files, source, {_safetensors.FORMAT_KEY: _safetensors.FORMAT_VALUE}, True, num_threads)
+    finally:
+        for shard_files in sources.values():
+            shard_files.close()
+    logger.info("consolidated %d tensors from %s into %d file(s) in %s in %.2f s",
+                len(fqn_to_index_mapping), input_dir, len(files), output_dir, time.perf_counter() - start)
