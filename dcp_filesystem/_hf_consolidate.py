@@ -57,9 +57,10 @@ def _rows(size: Sequence[int]) -> int:
     return size[0] if size else 1
 
 
-def batches(tensors: Sequence[OutputTensor], batch_bytes: int = BATCH_BYTES) -> Iterator[List[Region]]:
-    """The regions of ``tensors``, in order, grouped into batches of at most ``batch_bytes`` (a single row
+def batches(tensors: Sequence[OutputTensor]) -> Iterator[List[Region]]:
+    """The regions of ``tensors``, in order, grouped into batches of at most ``BATCH_BYTES`` (a single row
     larger than that is a batch of its own). Each region's ``out`` is allocated as its batch is made."""
+    batch_bytes = BATCH_BYTES
     batch: List[Region] = []
     held = 0
     for tensor in tensors:
