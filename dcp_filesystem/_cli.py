@@ -318,7 +318,9 @@ class _Progress:
             return
         self.shown = now
         end = "\n" if done >= total else ""
-        print(f"\rexport-hf: {done / 1e9:.2f} of {total / 1e9:.2f} GB", end=end, file=sys.stderr, flush=True)
+        percent = 100 * done // total if total else 100
+        print(f"\rexport-hf: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({percent}%)", end=end, file=sys.stderr,
+              flush=True)
 
 
 def _export_hf(args: argparse.Namespace) -> int:
