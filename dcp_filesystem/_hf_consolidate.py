@@ -4,18 +4,18 @@ Consolidation (the shard files of a distributed save, one per rank, into ``model
 and ``export-hf`` (any DCP checkpoint into the same) write files the same way: each output file front to
 back, its header first (every entry's dtype and shape are known before any byte is read), then its tensors
 in order, a batch of regions at a time: whole tensors up to ``BATCH_BYTES`` together, larger ones in slabs
-of rows along their first dimension. A source fills each region from wherever its parts are; the batch is
-written out and freed before the next one is read, so memory stays near ``BATCH_BYTES`` whatever the
-tensors' sizes. Each file is written under a temporary name, with every entry's CRC-32 filled into its
-header at the end, then renamed into place; the index comes last.
+of rows along their first dimension. A source fills each region from wherever its parts are, the next batch
+while the one before it is written out; so memory stays near two batches whatever the tensors' sizes. Each
+file is written under a temporary name, with every entry's CRC-32 filled into its header at the end, then
+renamed into place; the index comes last.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import threading
 import time
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,7 +24,7 @@ from ._bytes import numel, tensor_bytes
 from ._checksum import ChecksummingWriter
 from ._crc import crc32
 from ._hf_layout import INDEX_FILE_NAME, Chunk, Tensor, file_name, index_bytes, names, scan
-from ._parallel import for_each
+from ._parallel import for_each, run_in_threads
 from ._paths import open_regular
 from .fs import FileSystem
 
@@ -57,30 +57,57 @@ def _rows(size: Sequence[int]) -> int:
     return size[0] if size else 1
 
 
-def batches(tensors: Sequence[OutputTensor]) -> Iterator[List[Region]]:
-    """The regions of ``tensors``, in order, grouped into batches of at most ``BATCH_BYTES`` (a single row
-    larger than that is a batch of its own). Each region's ``out`` is allocated as its batch is made."""
-    batch_bytes = BATCH_BYTES
-    batch: List[Region] = []
+_ALIGN = 16  # where each region starts in its batch's buffer: a multiple of every element size
+
+
+def _batch_plans(tensors: Sequence[OutputTensor]) -> Iterator[List[Tuple[OutputTensor, int, int]]]:
+    """(tensor, first row, end row) of each region, in order, in batches of at most ``BATCH_BYTES`` (a single
+    row larger than that is a batch of its own)."""
+    batch: List[Tuple[OutputTensor, int, int]] = []
     held = 0
     for tensor in tensors:
+        rows = _rows(tensor.size)
         nbytes = numel(tensor.size) * tensor.dtype.itemsize
         if nbytes == 0:
-            batch.append(Region(tensor.fqn, 0, _rows(tensor.size), torch.empty(tensor.size, dtype=tensor.dtype)))
+            batch.append((tensor, 0, rows))
             continue
-        rows = _rows(tensor.size)
         row_bytes = nbytes // rows
         begin = 0
         while begin < rows:
-            if held and held + row_bytes > batch_bytes:
+            if held and held + row_bytes > BATCH_BYTES:
                 yield batch
                 batch, held = [], 0
-            end = min(rows, begin + max(1, (batch_bytes - held) // row_bytes))
-            shape = (end - begin, *tensor.size[1:]) if tensor.size else ()
-            batch.append(Region(tensor.fqn, begin, end, torch.empty(shape, dtype=tensor.dtype)))
+            end = min(rows, begin + max(1, (BATCH_BYTES - held) // row_bytes))
+            batch.append((tensor, begin, end))
             held += (end - begin) * row_bytes
             begin = end
     if batch:
+        yield batch
+
+
+def batches(tensors: Sequence[OutputTensor]) -> Iterator[List[Region]]:
+    """The regions of ``tensors``, in order, in batches of at most ``BATCH_BYTES``, each region's ``out`` a view
+    of its batch's buffer. Batches take turns in two buffers allocated once (a consumer holds at most two batches:
+    write_files reads one while it writes the other): fresh memory for every batch cost more in page faults here
+    than its bytes took to read."""
+    buffers: List[torch.Tensor] = []
+    for n, plan in enumerate(_batch_plans(tensors)):
+        starts, need = [], 0
+        for tensor, begin, end in plan:
+            starts.append(need)
+            need += -(-(end - begin) * (numel(tensor.size[1:]) * tensor.dtype.itemsize) // _ALIGN) * _ALIGN
+        if len(buffers) <= n % 2:
+            buffers.append(torch.empty(0, dtype=torch.uint8))
+        if buffers[n % 2].numel() < need:
+            buffers[n % 2] = torch.empty(max(need, BATCH_BYTES + _ALIGN * len(plan)), dtype=torch.uint8)
+        buffer = buffers[n % 2]
+        batch = []
+        for (tensor, begin, end), start in zip(plan, starts):
+            shape = (end - begin, *tensor.size[1:]) if tensor.size else ()
+            nbytes = numel(shape) * tensor.dtype.itemsize
+            out = buffer[start : start + nbytes].view(tensor.dtype).view(shape) if nbytes else torch.empty(
+                shape, dtype=tensor.dtype)
+            batch.append(Region(tensor.fqn, begin, end, out))
         yield batch
 
 
@@ -153,25 +180,33 @@ class OutputFile:
 def write_files(
     out_dir: str,
     files: Dict[str, List[OutputTensor]],
-    source: Source,
+    open_source: Callable[[], ContextManager[Source]],
     metadata: Dict[str, str],
     sync: bool = True,
     threads: int = 1,
     progress: Optional[Callable[[str, int], None]] = None,
 ) -> None:
-    """Write each output file (name -> its tensors, in order) from ``source``, then the index. ``progress(name,
-    nbytes)`` is called after each batch written."""
+    """Write each output file (name -> its tensors, in order) on ``threads`` threads, each from a source of its own
+    (``open_source()``), then the index. A file's next batch is read while the one before it is written (two
+    batches in memory). ``progress(name, nbytes)`` is called after each batch written."""
 
     def write_file(name: str) -> None:
         output = OutputFile(os.path.join(out_dir, name), files[name], metadata)
         try:
-            for batch in batches(files[name]):
-                source(batch)
-                for region in batch:
-                    output.write(region.fqn, tensor_bytes(region.out))
-                if progress is not None:
-                    progress(name, sum(r.out.numel() * r.out.element_size() for r in batch))
-                del batch
+            with open_source() as source:
+                pending = batches(files[name])
+                current = next(pending, None)
+                if current is not None:
+                    source(current)
+                while current is not None:
+                    following = next(pending, None)
+                    tasks = [functools.partial(_write_batch, output, current)]
+                    if following is not None:
+                        tasks.append(functools.partial(source, following))
+                    run_in_threads(tasks, "hf-read-ahead")
+                    if progress is not None:
+                        progress(name, sum(r.out.numel() * r.out.element_size() for r in current))
+                    current = following
         except BaseException:
             output.discard()
             raise
@@ -190,6 +225,11 @@ def write_files(
         FileSystem().sync_dir(out_dir)
 
 
+def _write_batch(output: OutputFile, batch: List[Region]) -> None:
+    for region in batch:
+        output.write(region.fqn, tensor_bytes(region.out))
+
+
 class _ShardFiles:
     """The source of consolidation: every region read from the chunks of the shard files that cover it. Each
     chunk's bytes are read once, front to back over the batches, so its CRC-32 is checked as it is read."""
@@ -205,7 +245,10 @@ class _ShardFiles:
             self._files[name] = open_regular(os.path.join(self.directory, name))
         return self._files[name]
 
-    def close(self) -> None:
+    def __enter__(self) -> _ShardFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for f in self._files.values():
             f.close()  # type: ignore[attr-defined]
 
@@ -285,17 +328,7 @@ def consolidate_safetensors_files(
         tensor = tensors[fqn]
         files.setdefault(file_name(index, count), []).append(OutputTensor(fqn, tensor.dtype, tensor.size))
     os.makedirs(output_dir, exist_ok=True)
-    # Each thread reads through handles of its own.
-    sources: Dict[int, _ShardFiles] = {}
-
-    def source(batch: List[Region]) -> None:
-        own = sources.setdefault(threading.get_ident(), _ShardFiles(input_dir, tensors))
-        own(batch)
-
-    try:
-        write_files(output_dir, files, source, {_safetensors.FORMAT_KEY: _safetensors.FORMAT_VALUE}, True, num_threads)
-    finally:
-        for shard_files in sources.values():
-            shard_files.close()
+    write_files(output_dir, files, functools.partial(_ShardFiles, input_dir, tensors),
+                {_safetensors.FORMAT_KEY: _safetensors.FORMAT_VALUE}, True, num_threads)
     logger.info("consolidated %d tensors from %s into %d file(s) in %s in %.2f s",
                 len(fqn_to_index_mapping), input_dir, len(files), output_dir, time.perf_counter() - start)

@@ -9,6 +9,7 @@ the caller says so.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -149,5 +150,6 @@ def export_hf(
 
     os.makedirs(out, exist_ok=True)
     source = _CheckpointSource(reader, metadata)
-    write_files(out, files, source, {_safetensors.FORMAT_KEY: _safetensors.FORMAT_VALUE}, sync, progress=step)
+    metadata_keys = {_safetensors.FORMAT_KEY: _safetensors.FORMAT_VALUE}
+    write_files(out, files, lambda: contextlib.nullcontext(source), metadata_keys, sync, progress=step)
     return Exported(len(tensors), total, list(files), values)

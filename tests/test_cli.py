@@ -71,16 +71,17 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_module_help_lists_the_three_subcommands():
+def test_module_help_lists_the_subcommands():
     env = {**os.environ, "COLUMNS": "100"}
     argv = [sys.executable, "-m", "dcp_filesystem", "--help"]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m dcp_filesystem [-h] {inspect,verify,bench} ...")
+    assert proc.stdout.startswith("usage: python -m dcp_filesystem [-h] {inspect,verify,bench,export-hf} ...")
     for line in (
         "    inspect             list a checkpoint's entries, files and format\n",
         "    verify              read every item, list the ones that fail\n",
         "    bench               time save and load here, ours and stock torch's, both formats\n",
+        "    export-hf           write a DCP checkpoint as a Hugging Face directory of safetensors files\n",
     ):
         assert line in proc.stdout
 
