@@ -152,3 +152,25 @@ def test_export_memory_stays_near_one_batch(tmp_path):
     with open(tmp_path / "hf" / "model-00001-of-00001.safetensors", "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
     assert os.path.getsize(tmp_path / "hf" / "model-00001-of-00001.safetensors") == 8 + length + (192 << 20)
+
+
+def test_readme_export_command_runs_as_written(tmp_path):
+    from test_readme import block
+
+    ckpt = tmp_path / "CHECKPOINT"
+    dcp_save(state(), FileSystemWriter(str(ckpt)))
+    command = block("sh", "# writes OUT").splitlines()[-1].split()
+    assert command[:4] == ["python", "-m", "dcp_filesystem", "export-hf"]
+    code = main([str(tmp_path / w) if w in ("CHECKPOINT", "OUT") else w for w in command[3:]])
+    assert code == 0
+    assert_state_equal(TENSORS, file_tensors(tmp_path / "OUT", ["model-00001-of-00001.safetensors"]))
+
+
+def test_readme_example_runs_as_written(tmp_path):
+    from test_readme import block, skip_unless_dcp_save_runs_single_process
+
+    skip_unless_dcp_save_runs_single_process("the Hugging Face example")
+    run_clean_python(f"import sys\nsys.path.insert(0, {REPO!r})\n" + block("python", "# Hugging Face"),
+                     cwd=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "hf_model")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]

@@ -49,6 +49,8 @@ def test_the_readme_has_exactly_the_blocks_these_tests_run():
         ("sh", "python"),  # the command line
         ("python", "#"),  # object storage: s3torchconnector
         ("python", "#"),  # object storage: fsspec
+        ("python", "#"),  # Hugging Face: the writer and reader (tests/test_hf_export.py runs it)
+        ("sh", "#"),  # Hugging Face: export-hf (tests/test_hf_export.py runs it)
     ]
 
 
