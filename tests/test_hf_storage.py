@@ -268,3 +268,35 @@ def test_upstream_consolidation_of_our_shard_files(tmp_path):
     theirs(str(tmp_path / "sharded"), str(tmp_path / "out"), mapping)
     assert sorted(os.listdir(tmp_path / "out")) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
     assert_state_equal(sd, file_tensors(tmp_path / "out", ["model-00001-of-00001.safetensors"]))
+
+
+def test_through_a_file_system_that_cannot_go_back(tmp_path):
+    """An object store's file system (no local path, no listing): the files are streamed front to back, so their
+    headers carry no checksums; the reader finds them through the index."""
+    from fs_doubles import LocalFS
+
+    class Writer(HuggingFaceStorageWriter):
+        def __init__(self, path, **kwargs):
+            super().__init__(path, **kwargs)
+            self.fs = LocalFS()
+
+    class Reader(HuggingFaceStorageReader):
+        def __init__(self, path):
+            super().__init__(path)
+            self.fs = LocalFS()
+
+    sd = state()
+    dcp_save(sd, Writer(str(tmp_path), fqn_to_index_mapping=MAPPING))
+    assert sorted(os.listdir(tmp_path)) == FILES + ["model.safetensors.index.json"]
+    assert "DCP_CRC32" not in header_of(tmp_path / FILES[0])[0]["__metadata__"]
+    target = zeros(sd)
+    dcp_load(target, Reader(str(tmp_path)))
+    assert_state_equal(sd, target)
+
+
+def test_inspect_a_hugging_face_directory(tmp_path, capsys):
+    dcp_save(state(), HuggingFaceStorageWriter(str(tmp_path), fqn_to_index_mapping=MAPPING))
+    assert main(["inspect", "--json", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "safetensors" and sorted(info["files"]) == FILES
+    assert {e["fqn"]: e["shape"] for e in info["entries"]} == {k: list(v.shape) for k, v in state().items()}
