@@ -13,7 +13,7 @@ import threading
 from typing import IO, Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._crc import crc32 as _crc32
-from ._crc import crc32_combine
+from ._crc import crc32_blocks, crc32_combine
 from .fs import file_descriptor
 
 T = TypeVar("T")
@@ -117,8 +117,9 @@ def _parts(size: int, sharing: int) -> List[Tuple[int, int]]:
     return [(start, min(start + step, size)) for start in range(0, size, step)] if step else [(0, 0)]
 
 
-def crc32(data: memoryview, sharing: int = 1) -> int:
-    """The CRC-32 of ``data``, in parts on this job's share of the cores for large buffers."""
+def crc32_on_cores(data: memoryview, sharing: int = 1) -> int:
+    """The CRC-32 of ``data``, in parts on this job's share of the cores (``sharing`` such jobs at once) for
+    large buffers. Not a running CRC: for that, ``_crc.crc32(data, value)``."""
     if len(data) < 2 * _PART_BYTES:
         return _crc32(data)
     parts = _parts(len(data), sharing)
@@ -131,10 +132,12 @@ def crc32(data: memoryview, sharing: int = 1) -> int:
     return result
 
 
-def write_with_crc(stream: IO[bytes], data: memoryview) -> int:
-    """Write ``data`` while its CRC-32 is computed on another thread; the CRC-32."""
-    crc, _ = run_in_threads([functools.partial(_crc32, data), functools.partial(stream.write, data)], "crc32")
-    return crc
+def write_with_crc(stream: IO[bytes], data: memoryview, block_bytes: int) -> Tuple[int, bytes]:
+    """Write ``data`` while its CRC-32s are computed on another thread: ``_crc.crc32_blocks``."""
+    crcs, _ = run_in_threads(
+        [functools.partial(crc32_blocks, data, block_bytes), functools.partial(stream.write, data)], "crc32"
+    )
+    return crcs
 
 
 def preadv_descriptor(stream: IO[bytes]) -> Optional[int]:

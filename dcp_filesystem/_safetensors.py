@@ -9,19 +9,25 @@ bytes, inside the file's data section.
 
 Stock torch 2.8+ writes the same kind of file, but an item's storage info
 points at the file's header (offset 0), and the item is found by its fqn.
+
+Loads: ``read_item`` fills a target with an entry's bytes, straight from the
+file where the target takes them, checked against the item's CRC-32; where the
+load needs part of the entry, only that part (``_partial``).
 """
 from __future__ import annotations
 
 import io
 import json
 import struct
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.planner import WriteItem
 
-from . import _compat
-from ._bytes import byte_count, chunk_nbytes, numel
+from . import _checksum, _compat, _partial
+from ._bytes import byte_count, chunk_nbytes, numel, tensor_bytes, tensor_from_bytes
+from ._format import metadata_chunk
+from ._item import Item
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 DCP_VERSION_KEY = "DCP_VERSION"
@@ -213,18 +219,6 @@ def is_ours(info: Any) -> bool:
     return bool(getattr(info, _OURS_FIELD, False))
 
 
-def metadata_chunk(tensor: Any, index: Any) -> Any:
-    """The chunk of a tensor's metadata (``TensorStorageMetadata``) that the item ``index`` (a MetadataIndex)
-    stores; None where it has none at the item's offsets."""
-    chunks = getattr(tensor, "chunks", None) or []
-    hint = getattr(index, "index", None)
-    chunk = chunks[hint] if hint is not None and 0 <= hint < len(chunks) else None
-    if chunk is None or (index.offset is not None and chunk.offsets != index.offset):  # torch.Size both
-        offset = None if index.offset is None else tuple(index.offset)
-        chunk = next((c for c in chunks if offset is None or tuple(c.offsets) == offset), None)
-    return chunk
-
-
 def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
     """The entry of a marked item, from the checkpoint's metadata of its tensor (``TensorStorageMetadata``);
     None for an unmarked item or where the metadata has no chunk at the item's offsets."""
@@ -243,3 +237,105 @@ def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
 def stock_entry(header: Optional[Header], fqn: str) -> Optional[Entry]:
     """The entry of an item in a stock torch file, whose storage info points at the file's header."""
     return None if header is None else header.entries.get(fqn)
+
+
+def file_header(data_file: Any, base: int = 0) -> Optional[Header]:
+    """The safetensors header that starts at ``base`` of an open data file (a ``DataFile``), or None where none
+    does; parsed once per file."""
+    key = (__name__, base)
+    if key not in data_file.parsed:
+        where = f"{data_file.name} (offset {base})"
+        data_file.parsed[key] = read_header(data_file.read_at, base, data_file.size, where)
+    return data_file.parsed[key]
+
+
+def prepare_file(data_file: Any, infos: Sequence[Any]) -> None:
+    """Parse the header a load of these items may use, so that a damaged one fails first, whichever item
+    comes first: that of a local file holding items not marked as this package's."""
+    if data_file.local and not all(is_ours(info) for info in infos):
+        file_header(data_file)
+
+
+def _entry(data_file: Any, item: Item, stock: bool) -> Entry:
+    """The entry that holds an item: a marked item's from the metadata, else from its file's header (stock
+    torch's items point at the header of the file holding them and are found by fqn)."""
+    info, index = item.info, item.req.storage_index
+    if stock:
+        entry = stock_entry(file_header(data_file, info.offset), index.fqn)
+    else:
+        entry = entry_from_metadata(info, item.tensor, index)
+        if entry is None:
+            header = file_header(data_file)
+            end = info.offset + info.length
+            entry = None if header is None else find_entry(header, index.fqn, index.offset, info.offset, end)
+    if entry is None:
+        where = "" if stock else f" [{info.offset}, {info.offset + info.length})"
+        raise item.cannot_read(ValueError(f"no safetensors entry covers the item's bytes{where}"))
+    return entry
+
+
+def read_item(data_file: Any, item: Item, target: torch.Tensor, stock: bool, payload: Optional[bytearray]) -> None:
+    """Fill ``target`` with the part of a tensor stored as a safetensors entry that ``item`` asks for:
+    straight from the file where the target takes the whole entry, else through memory. ``payload``: the
+    item's stored bytes where they were read already (checked)."""
+    entry = _entry(data_file, item, stock)
+    nbytes = entry.end - entry.begin
+    if payload is None and not item.is_whole(entry.shape) and _partial.enabled():
+        blocks = _checksum.blocks_of_run(item.info, entry.begin - item.info.offset, nbytes)
+        if blocks is not None or not item.checked:  # else read whole, to be checked
+            _partial.read_part(data_file, item, target, entry.begin, entry.shape, entry.dtype, blocks)
+            return
+    if (payload is None and item.is_whole(entry.shape) and target.dtype == entry.dtype
+            and data_file.takes(target)):
+        item.check_size(target, entry.shape)
+        with_crc = item.checked and not stock
+        crc = data_file.read_into(item, target, entry.begin, nbytes, with_crc)
+        if with_crc:
+            item.check(crc)
+        return
+    if stock:
+        raw = data_file.read_exact(entry.begin, nbytes, item)
+    else:
+        raw = data_file.read_checked(item) if payload is None else payload
+    item.fill(target, tensor_from_bytes(raw, entry.dtype, entry.shape))
+
+
+def plain_in_metadata(item: Item) -> Optional[Tuple[torch.dtype, Tuple[int, ...], int, int]]:
+    """(dtype, shape, 0, nbytes) of a marked item's whole entry, from the metadata alone; None where it has none.
+    A bare tuple: many small items take this way (see ``_load_items``)."""
+    entry = entry_from_metadata(item.info, item.tensor, item.req.storage_index)
+    return None if entry is None else (entry.dtype, entry.shape, 0, item.info.length)
+
+
+def write_tensor(tensor: torch.Tensor, stream: IO[bytes]) -> None:
+    """An entry's bytes: the tensor's, in row-major order."""
+    contiguous = tensor.contiguous()  # held while its bytes are written: tensor_bytes does not hold it
+    stream.write(tensor_bytes(contiguous))
+
+
+def start_file(
+    stream: IO[bytes],
+    storage_key: str,
+    byte_items: List[Tuple[WriteItem, io.BytesIO]],
+    tensor_items: List[WriteItem],
+    size: Callable[[WriteItem], int],
+) -> Callable[[torch.Tensor, WriteItem], None]:
+    """Write the header of a data file of these items; the header fixes their order, so ``tensor_items`` is
+    sorted into it here by ``size``, the order the writer's loaders keep. Returns the check each tensor must
+    pass, in that order, before its bytes are written."""
+    tensor_items.sort(key=size)
+    header, layout = file_layout(byte_items, tensor_items)
+    stream.write(header)
+    expected = iter(tensor_items)
+
+    def check(tensor: torch.Tensor, wi: WriteItem) -> None:
+        if wi is not next(expected):
+            raise AssertionError("tensor loader changed the order fixed by the safetensors header")
+        key, nbytes = layout[id(wi)]
+        if tensor.dtype != wi.tensor_data.properties.dtype or tensor.numel() * tensor.element_size() != nbytes:
+            raise ValueError(
+                f"{storage_key}: tensor {key!r} resolved to {tensor.dtype} {list(tensor.shape)}, "
+                f"but the save plan announced {wi.tensor_data.properties.dtype} {list(wi.tensor_data.chunk.sizes)}"
+            )
+
+    return check
