@@ -45,6 +45,18 @@ def _chunks(shape: Sequence[int], itemsize: int, offsets: Sequence[int], lengths
     return cut, lengths[cut] * numel(shape[cut + 1 :]) * itemsize
 
 
+def span(shape: Sequence[int], itemsize: int, offsets: Sequence[int], lengths: Sequence[int],
+         blocks: Optional[Blocks]) -> Tuple[int, int]:
+    """[begin, end) of the run that holds a sub-box (the rows of its leading dimension), widened to whole
+    blocks where ``blocks`` are given."""
+    row = numel(shape[1:]) * itemsize
+    begin, end = offsets[0] * row, (offsets[0] + lengths[0]) * row
+    if blocks is None:
+        return begin, end
+    size = blocks.block_bytes
+    return begin - begin % size, min(end + (-end) % size, numel(shape) * itemsize)
+
+
 def read_part(
     data_file: object, item: Item, target: torch.Tensor, start: int, shape: Tuple[int, ...], dtype: torch.dtype,
     blocks: Optional[Blocks],

@@ -245,3 +245,41 @@ def test_verify_checks_block_checksums(tmp_path, fmt):
     name = os.path.join(str(tmp_path), info.relative_path)
     expected = f"w: ValueError: {name}: item 'w' (chunk at [0, 0]): checksum mismatch in block 2 of its tensor"
     assert expected in out.getvalue()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="this platform has no os.posix_fadvise")
+@pytest.mark.parametrize("fmt", ["torch_save", "safetensors"])
+def test_the_ranges_a_load_reads_are_announced_at_prepare_local_plan(tmp_path, fmt, monkeypatch):
+    """Whole items, and the block-widened rows of a part of a SAFETENSORS entry (an archive's storage is placed
+    by the archive's own bytes: its part is not announced)."""
+    from dcp_filesystem import _load_items
+
+    writer = FileSystemWriter(tmp_path, serialization_format=SerializationFormat(fmt))
+    dcp_save({"w": torch.randn(512, 1024), "step": 3}, writer)
+    advised = []
+
+    def advise(fd, offset, n, advice):
+        advised.append((offset, n, advice))
+
+    monkeypatch.setattr(_load_items.os, "posix_fadvise", advise)
+    reader = FileSystemReader(tmp_path)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    infos = {index.fqn: info for index, info in metadata.storage_data.items()}
+    zeros = torch.Size([0, 0])
+    whole = [ReadItem(LoadItemType.BYTE_IO, MetadataIndex("step"), torch.Size([]), MetadataIndex("step"),
+                      torch.Size([]), torch.Size([])),
+             ReadItem(LoadItemType.TENSOR, MetadataIndex("w", zeros), zeros, MetadataIndex("w", zeros, 0), zeros,
+                      torch.Size([512, 1024]))]
+    assert reader.prepare_local_plan(LoadPlan(whole)).items == whole
+    assert sorted(advised) == sorted((i.offset, i.length, os.POSIX_FADV_WILLNEED) for i in infos.values())
+    advised.clear()
+    part = ReadItem(LoadItemType.TENSOR, MetadataIndex("w", zeros), zeros, MetadataIndex("w", zeros, 0),
+                    torch.Size([100, 0]), torch.Size([200, 1024]))
+    reader.prepare_local_plan(LoadPlan([part]))
+    if fmt == "torch_save":
+        assert advised == []
+    else:
+        begin = 100 * 4096 // BLOCK * BLOCK
+        end = -(-300 * 4096 // BLOCK) * BLOCK
+        assert advised == [(infos["w"].offset + begin, end - begin, os.POSIX_FADV_WILLNEED)]
