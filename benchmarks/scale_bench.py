@@ -14,19 +14,24 @@ reused by every load from it. Per row:
   returned by read system calls, page-cache hits included; ``.metadata`` and DCP's few collective messages over
   gloo's sockets are in it too), median over the runs;
 - bytes needed: the sum over the ranks of the bytes of their local shards;
+- whole items: the bytes of the stored items the ranks' shards overlap, what reading whole items reads;
 - seconds: the wall time of ``dcp.load``, its largest over the ranks, median and minimum over ``--repeat`` runs
   alternated between the row's variants, each into the same allocated and touched targets;
 - with ``--cold`` (root, a scratch directory on a disk) the same runs again with the page cache dropped before
   each (``sync; echo 3 > /proc/sys/vm/drop_caches``), and the growth of ``read_bytes``: what the disk delivered to
-  the ranks, read-ahead included;
+  the ranks, read-ahead included (the ranks share one page cache: a chunk that two ranks read comes from the disk
+  once);
 - every value of every run checked bit-exact against the slice of the global tensor the rank should hold.
 
-Variant "ours, whole items" runs our reader with ``DCP_FILESYSTEM_PARTIAL_READS=0`` in its environment (for a
-reader that honours it: whole stored items read, then narrowed). The issue's targets (issue 32) are printed as
-met or not met. With ``--results`` the table replaces the section between ``<!-- scale-bench-start -->`` and
-``<!-- scale-bench-end -->`` of that file (appended where there is none).
+Variant "ours, whole items" runs our reader with ``DCP_FILESYSTEM_PARTIAL_READS=0`` in the ranks' environment
+around each of its loads, alternated with the other variants in the same ranks: a reader that reads that variable
+when it loads (not when it is imported) reads whole stored items, then narrows them; a row of it that reads less
+than its whole items is flagged. The issue's targets (issue 32) are printed as met or not met. With ``--results``
+the table replaces the section between ``<!-- scale-bench-start -->`` and ``<!-- scale-bench-end -->`` of that
+file (appended where there is none).
 """
 import argparse
+import contextlib
 import datetime
 import gc
 import inspect
@@ -153,7 +158,8 @@ def local_slice(tensor, dim, world, rank):
 
 
 def items_read(shape, reshard, rank):
-    """How many stored chunks (Shard(0) over save_world ranks) this rank's local shard overlaps."""
+    """How many stored chunks (Shard(0) over save_world ranks) this rank's local shard overlaps: the items it
+    reads, wholly or in part."""
     rows, dim = shape[0], placement_dim(shape, reshard)
     first, count = (rank * rows // reshard.load_world, rows // reshard.load_world) if dim == 0 else (0, rows)
     chunk = rows // reshard.save_world
@@ -230,14 +236,17 @@ def cpu_mesh(world):
 
 def distribute(mesh, tensor, dim):
     """``distribute_tensor(tensor, mesh, [Shard(dim)])``, each rank taking its part of its own copy of ``tensor``
-    (src_data_rank=None where this torch has it; the tensors are the same on every rank)."""
+    (the tensors are the same on every rank): with src_data_rank=None where this torch has it, else (torch < 2.5,
+    whose scatter from rank 0 gloo refuses for bfloat16 on 2.1) the same DTensor made from the rank's part."""
     try:
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     except ImportError:  # torch < 2.4
-        from torch.distributed._tensor import Shard, distribute_tensor
+        from torch.distributed._tensor import DTensor, Shard, distribute_tensor
 
-    kwargs = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
-    return distribute_tensor(tensor, mesh, [Shard(dim)], **kwargs)
+    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+        return distribute_tensor(tensor, mesh, [Shard(dim)], src_data_rank=None)
+    local = local_slice(tensor, dim, mesh.size(), dist.get_rank()).contiguous()
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
 
 
 def warm_files(paths):
@@ -261,6 +270,21 @@ def save_task(spec, task, mesh, expected):
     dist.barrier()
 
 
+@contextlib.contextmanager
+def partial_reads_off(off):
+    """With ``off``, DCP_FILESYSTEM_PARTIAL_READS=0 in this process's environment for the block, then as before."""
+    before = os.environ.get(PARTIAL_READS_ENV)
+    if off:
+        os.environ[PARTIAL_READS_ENV] = "0"
+    try:
+        yield
+    finally:
+        if off and before is None:
+            del os.environ[PARTIAL_READS_ENV]
+        elif off:
+            os.environ[PARTIAL_READS_ENV] = before
+
+
 def load_task(spec, task, mesh, expected, results):
     """Every run of one reshard: the variants alternated, warm runs and then (with cold) cold ones."""
     rank, reshard = dist.get_rank(), Reshard(*task["reshard"])
@@ -272,7 +296,9 @@ def load_task(spec, task, mesh, expected, results):
     failed = {}
     base = {"reshard": reshard.name, "rank": rank,
             "needed": sum(w.numel() * w.element_size() for w in wanted.values()),
-            "items": sum(items_read(t.shape, reshard, rank) for t in expected.values())}
+            "items": sum(items_read(t.shape, reshard, rank) for t in expected.values()),
+            "whole": sum(items_read(t.shape, reshard, rank) * t.numel() * t.element_size() // reshard.save_world
+                         for t in expected.values())}
     for cold in (False, True) if spec["cold"] else (False,):
         if not cold and rank == 0:
             warm_files(sorted(set(paths.values())))
@@ -292,7 +318,8 @@ def load_task(spec, task, mesh, expected, results):
                 rchar, read_bytes, extra = proc_io()
                 start = time.perf_counter()
                 try:
-                    _load(targets, storage_reader=make_reader(variant[0], paths[variant]))
+                    with partial_reads_off(variant[0] == WHOLE):
+                        _load(targets, storage_reader=make_reader(variant[0], paths[variant]))
                 except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
                     if variant != (STOCK, "SAFETENSORS"):
                         raise
@@ -336,34 +363,32 @@ class BenchError(Exception):
 
 
 def plan(reshards, formats):
-    """(groups, phases). groups: [(reshard, extra environment, [(impl, format)])], the row groups in table order;
-    phases: [(world, extra environment, tasks)], each a start of ``world`` ranks. A world's checkpoints are saved by
-    the first phase of that world, which also runs the loads at that world that have their checkpoints by then;
-    our whole-item reading runs in ranks started with partial reads off."""
+    """(groups, phases). groups: [(reshard, [(impl, format)])], the row groups in table order; phases:
+    [(world, tasks)], each a start of ``world`` ranks. A world's checkpoints are saved by the first phase of that
+    world, which also runs the loads at that world that have their checkpoints by then."""
     groups = []
     for r in reshards:
-        groups.append((r, {}, [(impl, fmt) for impl in (OURS, STOCK) for fmt in formats
-                               if impl == OURS or stock_skip_reason(fmt) is None]))
-        if r == WHOLE_ITEMS_RESHARD:
-            groups.append((r, {PARTIAL_READS_ENV: "0"}, [(WHOLE, fmt) for fmt in formats]))
+        impls = (OURS, STOCK, WHOLE) if r == WHOLE_ITEMS_RESHARD else (OURS, STOCK)
+        groups.append((r, [(impl, fmt) for impl in impls for fmt in formats
+                           if impl != STOCK or stock_skip_reason(fmt) is None]))
     saved, done, phases = set(), set(), []
 
-    def loads(world, env):
-        mine = [i for i, (r, e, _) in enumerate(groups)
-                if i not in done and r.load_world == world and e == env and r.save_world in saved]
+    def loads(world):
+        mine = [i for i, (r, _) in enumerate(groups)
+                if i not in done and r.load_world == world and r.save_world in saved]
         done.update(mine)
-        return [{"op": "load", "reshard": list(groups[i][0]), "variants": groups[i][2]} for i in mine]
+        return [{"op": "load", "reshard": list(groups[i][0]), "variants": groups[i][1]} for i in mine]
 
     for world in dict.fromkeys(r.save_world for r in reshards):
         saved.add(world)
-        phases.append((world, {}, [{"op": "save", "formats": list(formats)}] + loads(world, {})))
-    for i, (r, env, _) in enumerate(groups):
+        phases.append((world, [{"op": "save", "formats": list(formats)}] + loads(world)))
+    for i, (r, _) in enumerate(groups):
         if i not in done:
-            phases.append((r.load_world, env, loads(r.load_world, env)))
+            phases.append((r.load_world, loads(r.load_world)))
     return groups, phases
 
 
-def run_phase(index, world, env, tasks, settings, what):
+def run_phase(index, world, tasks, settings, what):
     """Start ``world`` ranks of one gloo group (this script with --worker), wait for all; their results."""
     phase_dir = os.path.join(settings["root"], f"phase{index}")
     os.mkdir(phase_dir)
@@ -372,7 +397,6 @@ def run_phase(index, world, env, tasks, settings, what):
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     base_env = dict(os.environ)
-    base_env.update(env)
     base_env.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo")
     if world > 1:
         base_env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for several ranks per node
@@ -407,14 +431,15 @@ def summarize(groups, formats, loads):
     """One row per (reshard, impl, format): each run's figures summed (bytes) or maxed (seconds) over the ranks,
     then median and minimum over the runs; a row saying why for each stock format skipped."""
     rows = []
-    for reshard, env, variants in groups:
+    for reshard, variants in groups:
         for impl, fmt in variants:
             mine = [x for x in loads if (x["reshard"], x["impl"], x["format"]) == (reshard.name, impl, fmt)]
             first = [x for x in mine if x.get("run") == 0 and not x["cold"]]
             errors = [x["error"] for x in mine if x.get("error")]
             row = {"reshard": reshard.name, "save_world": reshard.save_world, "load_world": reshard.load_world,
                    "load_dim": reshard.load_dim, "impl": impl, "format": fmt, "error": errors[0] if errors else None,
-                   "needed": sum(x["needed"] for x in first), "items": sum(x["items"] for x in first)}
+                   "needed": sum(x["needed"] for x in first), "items": sum(x["items"] for x in first),
+                   "whole_items": sum(x["whole"] for x in first)}
             for cold in (False, True):
                 runs = {}
                 for x in mine:
@@ -434,9 +459,8 @@ def summarize(groups, formats, loads):
             row["disk_ratio"] = row["disk_read"] / row["needed"] if row["disk_read"] and row["needed"] else None
             row["bit_exact"] = row["runs_checked"] + row["cold_runs_checked"] > 0
             rows.append(row)
-        if not env:
-            rows += [{"reshard": reshard.name, "impl": STOCK, "format": fmt,
-                      "error": f"skipped: {stock_skip_reason(fmt)}"} for fmt in formats if stock_skip_reason(fmt)]
+        rows += [{"reshard": reshard.name, "impl": STOCK, "format": fmt,
+                  "error": f"skipped: {stock_skip_reason(fmt)}"} for fmt in formats if stock_skip_reason(fmt)]
     return rows
 
 
@@ -482,7 +506,7 @@ def _fmt(value, spec, scale=1):
 
 def markdown(header, rows, goals):
     cold = header["cold"]
-    columns = ["reshard", "variant", "read MiB", "needed MiB", "read / needed", "load s", "min s"]
+    columns = ["reshard", "variant", "read MiB", "needed MiB", "whole items MiB", "read / needed", "load s", "min s"]
     if cold:
         columns += ["cold load s", "cold min s", "disk read MiB", "disk / needed"]
     columns.append("bit-exact")
@@ -494,7 +518,8 @@ def markdown(header, rows, goals):
         f"{header['machine']['cores']} cores, {header['machine']['memory_gib']} GiB memory, scratch directory on "
         f"{header['machine']['scratch_fs'] or '?'}; CRC-32: {header['crc32']}; packages beside torch: "
         f"{packages_line(header)}. {header['payload_bytes'] / MiB:,.0f} MiB of DTensors ({header['tensors']} tensors: "
-        "float32 and bfloat16 matrices of 16-64 MiB, and small vectors) saved Shard(0) by W gloo ranks (processes on "
+        f"float32 and bfloat16 matrices of {header['matrix_mib'][0]:g}-{header['matrix_mib'][1]:g} MiB, and "
+        f"{SMALL} vectors of {SMALL_NUMEL} elements) saved Shard(0) by W gloo ranks (processes on "
         "this machine) and loaded by W' ranks: \"W->W' Shard(0)\" FSDP-like, \"Shard(0)->Shard(1)\" the matrices "
         "TP-like. read: bytes the ranks' read system calls returned during dcp.load (rchar of /proc/self/io, summed "
         "over the ranks, .metadata included); needed: the bytes of the ranks' local shards. load s: dcp.load's wall "
@@ -504,8 +529,9 @@ def markdown(header, rows, goals):
            "read: read_bytes of /proc/self/io summed over the ranks, read-ahead included (the ranks share this "
            "machine's page cache: a stored chunk that two ranks read comes from the disk once). " if cold else
            f"Warm loads only ({header['cold_skipped'] or 'no --cold'}). ")
-        + f"\"ours, whole items\": our reader with {PARTIAL_READS_ENV}=0. Checksum block size: "
-          f"{header['block_bytes']:,} B.",
+        + "whole items: the bytes of the stored items the ranks' shards overlap (what reading whole items "
+          f"reads). \"ours, whole items\": our reader with {PARTIAL_READS_ENV}=0 set around its loads. Checksum "
+          f"block size: {header['block_bytes']:,} B.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|",
@@ -516,8 +542,8 @@ def markdown(header, rows, goals):
             cells += [r["error"] if r["error"].startswith("skipped") else f"fails: {first_sentence(r['error'])}"]
             cells += [""] * (len(columns) - 3)
         else:
-            cells += [_fmt(r["read"], ",.1f", MiB), _fmt(r["needed"], ",.1f", MiB), _fmt(r["read_ratio"], ".2f"),
-                      _fmt(r["median_s"], ".3f"), _fmt(r["min_s"], ".3f")]
+            cells += [_fmt(r["read"], ",.1f", MiB), _fmt(r["needed"], ",.1f", MiB), _fmt(r["whole_items"], ",.1f", MiB),
+                      _fmt(r["read_ratio"], ".2f"), _fmt(r["median_s"], ".3f"), _fmt(r["min_s"], ".3f")]
             if cold:
                 cells += [_fmt(r["cold_median_s"], ".3f"), _fmt(r["cold_min_s"], ".3f"),
                           _fmt(r["disk_read"], ",.1f", MiB), _fmt(r["disk_ratio"], ".2f")]
@@ -525,12 +551,19 @@ def markdown(header, rows, goals):
         lines.append("| " + " | ".join(cells) + " |")
     failures = {f"{r['impl']} {r['format']}": r["error"] for r in rows if r.get("error")}
     lines += [""] + [f"- {variant}: {'' if error.startswith('skipped') else 'the load fails: '}{error}"
-                     for variant, error in failures.items()]
+                     for variant, error in failures.items()] + [f"- {line}" for line in notes(rows)]
     lines += ["", "Targets (issue 32):", "", "| target | variant | value | goal | met |", "|---|---|---:|---:|---|"]
     for what, variant, value, goal, met in goals:
         lines.append(f"| {what} | {variant} | {value} | {goal} | {met_word(met)} |")
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def notes(rows):
+    """Warnings on the rows: a whole-item row that read less than its whole items."""
+    return [f"{r['reshard']}, {r['impl']} {r['format']} read {r['read'] / MiB:,.1f} MiB, less than its whole items "
+            f"({r['whole_items'] / MiB:,.1f} MiB): the reader did not take {PARTIAL_READS_ENV}=0 (read per load?)"
+            for r in rows if r["impl"] == WHOLE and r.get("read") is not None and r["read"] < r["whole_items"]]
 
 
 def met_word(met):
@@ -565,11 +598,10 @@ def run(args):
         settings = {"root": root, "size_mib": args.size_mib, "repeat": args.repeat,
                     "cold": bool(args.cold and not cold_skipped)}
         loads = []
-        for index, (world, env, tasks) in enumerate(phases):
+        for index, (world, tasks) in enumerate(phases):
             what = ", ".join("save" if t["op"] == "save" else Reshard(*t["reshard"]).name for t in tasks)
-            what += "".join(f", {k}={v}" for k, v in env.items())
             t0 = time.perf_counter()
-            for result in run_phase(index, world, env, tasks, settings, what):
+            for result in run_phase(index, world, tasks, settings, what):
                 loads += result["loads"]
             print(f"scale_bench: {world} ranks: {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr,
                   flush=True)
@@ -581,6 +613,8 @@ def run(args):
         "packages": installed_packages(), "repeat": args.repeat, "cold": settings["cold"],
         "cold_skipped": cold_skipped and f"--cold skipped: {cold_skipped}", "skipped": skipped,
         "payload_bytes": payload, "tensors": len(specs), "block_bytes": block_bytes(),
+        "matrix_mib": [f(torch.Size(shape).numel() * dtype.itemsize / MiB for _, shape, dtype in specs
+                         if len(shape) == 2) for f in (min, max)],
         "partial_reads_env": os.environ.get(PARTIAL_READS_ENV),
     }
     return header, summarize(groups, formats, loads)
@@ -624,6 +658,8 @@ def main(argv=None):
     print(table)
     for what, variant, value, goal, met in goals:
         print(f"target: {what}, {variant}: {value} {goal}: {met_word(met)}")
+    for line in notes(rows):
+        print(f"scale_bench: warning: {line}", file=sys.stderr)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -13,10 +13,23 @@ try:
 finally:
     sys.path.pop(0)
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/io") or not dist.is_available()
-                                or not dist.is_gloo_available(), reason="needs /proc/self/io and gloo")
 
 
+def object_collectives_work():
+    """DCP's plans travel as pickled objects; torch 2.1 decodes those with NumPy, which fails beside NumPy 2."""
+    try:
+        torch.zeros(1, dtype=torch.uint8).numpy()
+    except RuntimeError:
+        return False
+    return True
+
+
+runs_ranks = pytest.mark.skipif(
+    not os.path.exists("/proc/self/io") or not dist.is_available() or not dist.is_gloo_available()
+    or not object_collectives_work(), reason="needs /proc/self/io, gloo, and object collectives (NumPy, torch 2.1)")
+
+
+@runs_ranks
 def test_rows_are_checked_and_read_at_least_what_they_need(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# results\n\nearlier text\n")
@@ -34,6 +47,8 @@ def test_rows_are_checked_and_read_at_least_what_they_need(tmp_path):
         assert r["bit_exact"] and r["runs_checked"] == 1 and len(r["seconds"]) == 1
         # Every row's ranks together hold the whole state dict once; what they read cannot be less.
         assert r["needed"] == header["payload_bytes"]
+        # Whole stored items: one rank reads both halves of each tensor; two ranks each read the one whole tensor.
+        assert r["whole_items"] == header["payload_bytes"] * (1 if r["reshard"] == "2->1 Shard(0)" else 2)
         assert r["read"] >= r["needed"], r
         assert r["median_s"] > 0
     # The bytes target is set on ours, on dim-0 rows that change the world size; no 2->4 row, no time targets.
@@ -69,3 +84,12 @@ def test_check_names_a_value_that_differs_by_one_bit():
         scale_bench.check({"w": Local(loaded)}, wanted, "here")
     with pytest.raises(AssertionError, match=r"w is torch.float32 \(3, 1\), expected torch.float32 \(3, 2\)"):
         scale_bench.check({"w": Local(loaded[:, :1])}, wanted, "here")
+
+
+def test_a_whole_item_row_that_read_less_than_its_items_is_flagged():
+    row = {"reshard": "2->4 Shard(0)", "impl": scale_bench.WHOLE, "format": "TORCH_SAVE", "read": 600 << 20,
+           "whole_items": 1024 << 20}
+    assert scale_bench.notes([row]) == [
+        "2->4 Shard(0), ours, whole items TORCH_SAVE read 600.0 MiB, less than its whole items (1,024.0 MiB): the "
+        "reader did not take DCP_FILESYSTEM_PARTIAL_READS=0 (read per load?)"]
+    assert scale_bench.notes([{**row, "read": (1024 << 20) + 900}, {**row, "impl": scale_bench.OURS}]) == []
