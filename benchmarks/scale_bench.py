@@ -236,7 +236,7 @@ def cpu_mesh(world):
 
 def distribute(mesh, tensor, dim):
     """``distribute_tensor(tensor, mesh, [Shard(dim)])``, each rank taking its part of its own copy of ``tensor``
-    (the tensors are the same on every rank): with src_data_rank=None where this torch has it, else (torch < 2.5,
+    (the tensors are the same on every rank): with src_data_rank=None where this torch has it, else (older torch,
     whose scatter from rank 0 gloo refuses for bfloat16 on 2.1) the same DTensor made from the rank's part."""
     try:
         from torch.distributed.tensor import DTensor, Shard, distribute_tensor
