@@ -11,7 +11,10 @@
 #                  warm and (as root) cold loads; writes benchmarks/RESULTS.md, benchmarks/summary.png and
 #                  README.rst's summary table from its rows (installs matplotlib, the [bench] extra, into the
 #                  venv for the chart); then saves and loads through a local S3 server (benchmarks/s3_bench.py),
-#                  whose rows it adds to RESULTS.md
+#                  whose rows it adds to RESULTS.md, and resharding loads at several world sizes
+#                  (benchmarks/scale_bench.py: gloo ranks as processes, saved at W and loaded at W'), whose rows
+#                  it adds there too
+# make bench-scale only the latter (about 5 minutes on 2 cores; as root, cold loads too)
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -19,12 +22,13 @@ TORCH_SPEC ?= torch==2.13.0
 GPU_PYTHON ?= python3
 BENCH_ARGS ?= --cold
 S3_BENCH_ARGS ?= --results benchmarks/RESULTS.md
+SCALE_BENCH_ARGS ?= --cold --results benchmarks/RESULTS.md
 # What the package needs besides torch (setup.cfg's install_requires; tests/test_packaging.py keeps them equal):
 # all that make demo installs.
 REQUIRES := zlib-ng
 TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
 
-.PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench
+.PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench bench-scale
 
 $(VENV)/.base:
 	python3 -m venv --system-site-packages $(VENV)
@@ -60,3 +64,7 @@ bench: $(VENV)/.ready
 	$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 	$(PYTHON) benchmarks/s3_bench.py $(S3_BENCH_ARGS)
+	$(PYTHON) benchmarks/scale_bench.py $(SCALE_BENCH_ARGS)
+
+bench-scale: $(VENV)/.ready
+	$(PYTHON) benchmarks/scale_bench.py $(SCALE_BENCH_ARGS)

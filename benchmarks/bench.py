@@ -1005,12 +1005,27 @@ def write_docs(header, rows, repo=REPO):
     print(f"wrote {RESULTS_MD}, {CHART_PNG} and README.rst's summary table", file=sys.stderr)
 
 
-def command_line():
-    """This run's command as typed from the repository root: the interpreter by its path relative to the
-    working directory where it is inside it (.venv/bin/python), else by its name."""
+def command_line(argv=None):
+    """This run's command (``argv``: the script and its arguments, default sys.argv) as typed from the repository
+    root: the interpreter by its path relative to the working directory where it is inside it (.venv/bin/python),
+    else by its name."""
     exe = os.path.relpath(sys.executable)
     exe = exe if not exe.startswith("..") else os.path.basename(sys.executable)
-    return " ".join(shlex.quote(w) for w in [exe] + sys.argv)
+    return " ".join(shlex.quote(w) for w in [exe] + (sys.argv if argv is None else argv))
+
+
+def replace_section(path, section, start, end):
+    """Write ``section`` (a markdown text from its line ``start`` to its line ``end``) into the file at ``path``:
+    in place of the file's own lines from ``start`` to ``end`` where it has both, else appended (the file created
+    where there is none). How the other benchmarks keep their sections in RESULTS.md, which a --docs run of this
+    one rewrites whole."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) + 1 :]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def main():

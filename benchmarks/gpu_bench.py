@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 
 import dcp_filesystem  # noqa: E402
-import dcp_filesystem.writer  # noqa: E402
+import dcp_filesystem._save_files  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from bench import reset_peak_rss, status_bytes  # noqa: E402
@@ -97,7 +97,7 @@ class LoaderLog:
 
     def __init__(self):
         self.names = []
-        self._make_loader = dcp_filesystem.writer._make_loader
+        self._make_loader = dcp_filesystem._save_files._make_loader
 
     def __enter__(self):
         def recording(planner, inflight_threshhold, stream):
@@ -105,11 +105,11 @@ class LoaderLog:
             self.names.append(type(loader).__name__)
             return loader
 
-        dcp_filesystem.writer._make_loader = recording
+        dcp_filesystem._save_files._make_loader = recording
         return self
 
     def __exit__(self, *exc):
-        dcp_filesystem.writer._make_loader = self._make_loader
+        dcp_filesystem._save_files._make_loader = self._make_loader
 
 
 class LoadCase:

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import torch  # noqa: E402
 import torch.distributed.checkpoint  # noqa: E402
+from bench import replace_section  # noqa: E402
 
 import dcp_filesystem  # noqa: E402
 from dcp_filesystem._compat import single_process_dcp  # noqa: E402
@@ -199,16 +200,6 @@ def markdown(size_bytes, repeats, rows, command):
     return "\n".join(lines) + "\n"
 
 
-def write_results(path, table):
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + table + text[text.index(END) + len(END) + 1 :]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + table
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=256, help="MiB of 32 MiB matrices (default 256)")
@@ -232,7 +223,7 @@ def main():
     table = markdown(size_bytes, args.repeats, rows, "python benchmarks/s3_bench.py " + " ".join(sys.argv[1:]))
     print(table)
     if args.results:
-        write_results(args.results, table)
+        replace_section(args.results, table, START, END)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ can name them). Other ranks' leftovers are theirs to reclaim, or go when the
 coordinator removes what the newly committed metadata does not name. Within one
 process, files a save may still commit (an ``async_save`` still running) are
 registered here and never reclaimed by another save.
+
+Once a save has committed, the data files of earlier saves that its metadata
+no longer names are removed (:func:`remove_stale`).
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ import os
 import re
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from . import _save_lock
 from ._format import DEFAULT_SUFFIX, metadata_file_name
 from ._safe_pickle import load_metadata
 from .fs import FileSystemBase, PathLike
@@ -207,3 +211,48 @@ def reclaim(fs: FileSystemBase, directory: PathLike, prefix: str) -> Optional[Se
         logger.info("reclaimed %d data file(s) that no metadata in %s names: %s", len(gone), directory,
                     ", ".join(gone))
     return names - set(gone)
+
+
+def discard(owner: Any, fs: FileSystemBase, directory: PathLike, paths: List[PathLike], error: BaseException,
+            needed: int) -> None:
+    """After ``error`` failed ``owner``'s save into ``directory``: remove the files it created, give its lock
+    back, then say in the error what a full disk lacked (with the room its files took given back)."""
+    removed = remove_files(fs, paths, "written by a failed save")
+    settle(owner)
+    _save_lock.release(owner)  # before counting free bytes: its file is gone too
+    note_no_space(error, fs, directory, needed)
+    logger.warning("save to %s failed (%s: %s); removed the %d file(s) it had written",
+                   directory, type(error).__name__, error, removed)
+
+
+def remove_stale(fs: FileSystemBase, directory: PathLike, referenced: Set[str], rank: Optional[int],
+                 listed: Optional[Set[str]], replaced: Set[str]) -> None:
+    """Delete data files of earlier (or killed) saves that the committed metadata (naming ``referenced``)
+    no longer names.
+
+    Where the save listed the directory before it wrote (``listed``), only files there then are
+    candidates, so none another rank's later save creates; never one that another save in this
+    process may still commit. Where the file system cannot list, the candidates are the files
+    the replaced metadata named (``replaced``): leftovers of killed saves stay there. A file
+    that cannot be removed is logged and left for the next save. With rank-local metadata (``rank``)
+    only that rank's files are candidates.
+    """
+    try:
+        entries = fs.ls(directory) if listed is not None else sorted(replaced)
+    except Exception as e:
+        logger.warning("cannot list %s to remove earlier data files: %s: %s", directory, type(e).__name__, e)
+        return
+    if entries is None:
+        return
+    stale = []
+    for entry in entries:
+        name = os.path.basename(str(entry))
+        match = DATA_FILE.fullmatch(name)
+        if match is None or name in referenced or (rank is not None and int(match.group(1)) != rank):
+            continue
+        if listed is not None and name not in listed:
+            continue
+        path = fs.concat_path(directory, name)
+        if not in_progress(fs, path):
+            stale.append(path)
+    remove_files(fs, stale, "no longer named by the committed metadata")

@@ -17,15 +17,15 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from . import _bench, _safetensors
-from ._bytes import numel
-from ._checksum import check, stored_crc32
+from . import _bench, _safetensors, _torch_save
+from ._bytes import numel, tensor_bytes
+from ._checksum import check, check_blocks, stored_crc32
 from ._crc import crc32
-from ._format import Stored, describe_item, metadata_file_name, stored_as, transform_descriptors_of
+from ._format import Stored, describe_item, metadata_chunk, metadata_file_name, transform_descriptors_of
 from ._hf_export import DEFAULT_MAX_SHARD_SIZE, export_hf
 from ._hf_layout import INDEX_FILE_NAME, SUFFIX
+from ._load_items import stored_as
 from ._paths import check_storage_file, open_regular
-from ._torch_save import ZIP_MAGIC, archive_members
 from .hf_storage import HuggingFaceStorageReader
 from .reader import FileSystemReader
 
@@ -75,7 +75,7 @@ def _file_format(path: str, items: List[Any]) -> Optional[str]:
         read_at = functools.partial(_read_at, f)
         header = functools.partial(_safetensors.read_header, read_at, 0, size, path)
         for is_tensor, info in sorted(items, key=lambda item: not item[0]):
-            head = functools.partial(read_at, info.offset, _safetensors.SNIFF_BYTES)
+            head = functools.partial(read_at, info.offset)
             stored = stored_as(info, header, head, is_tensor)
             if stored is not None:
                 return Stored.TORCH_SAVE.value if stored is Stored.TORCH_SAVE else Stored.SAFETENSORS.value
@@ -142,8 +142,8 @@ class _VerifyPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         payload = bytearray(value.read())
-        if payload[:4] == ZIP_MAGIC:
-            archive_members(payload)  # checks each archive member's CRC-32
+        if _torch_save.is_archive(payload):
+            _torch_save.archive_members(payload)  # checks each archive member's CRC-32
 
 
 def _verify_entry(reader: FileSystemReader, metadata: Metadata, fqn: str, item: Any) -> None:
@@ -154,6 +154,15 @@ def _verify_entry(reader: FileSystemReader, metadata: Metadata, fqn: str, item: 
     local = reader.prepare_local_plan(planner.create_local_plan())
     plans = reader.prepare_global_plan(planner.create_global_plan([local]))
     reader.read_data(planner.finish_plan(plans[0]), planner).wait()
+    if value is None:
+        return
+    for index, info in metadata.storage_data.items():  # the block checksums too, which whole loads do not use
+        chunk = metadata_chunk(item, index) if index.fqn == fqn else None
+        if chunk is not None:
+            stored = value
+            for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+                stored = stored.narrow(dim, offset, size)
+            check_blocks(_storage_file(reader.path, index, info), index, info, tensor_bytes(stored.contiguous()))
 
 
 def _reader(path: str) -> FileSystemReader:

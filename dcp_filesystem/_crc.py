@@ -7,9 +7,11 @@ zlib lacks one) are used, and the first writer or reader says so once at INFO (`
 """
 from __future__ import annotations
 
+import array
 import logging
+import sys
 import threading
-from typing import Any
+from typing import Any, Tuple
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial
 _X_TO_0 = 1 << 31  # the polynomial 1, bit-reflected
@@ -71,6 +73,17 @@ SLOW_NOTE = (
     "dcp_filesystem, makes them run at memory speed)"
 )
 _logged = threading.Lock()
+
+
+def crc32_blocks(data: memoryview, block_bytes: int, value: int = 0) -> Tuple[int, bytes]:
+    """(the CRC-32 of ``data`` continuing ``value``, the CRC-32 of each ``block_bytes`` block of ``data`` on
+    its own, the last one maybe shorter, as little-endian 32-bit words): one pass over the bytes."""
+    crcs = array.array("I", (crc32(data[start : start + block_bytes]) for start in range(0, len(data), block_bytes)))
+    for start, crc in zip(range(0, len(data), block_bytes), crcs):
+        value = crc32_combine(value, crc, min(block_bytes, len(data) - start))
+    if sys.byteorder != "little":
+        crcs.byteswap()
+    return value, crcs.tobytes()
 
 
 def log_implementation(logger: logging.Logger) -> None:

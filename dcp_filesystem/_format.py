@@ -4,10 +4,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from . import _compat, _safetensors
-from ._torch_save import ZIP_MAGIC
+from . import _compat
 
 _metadata_fn: str = ".metadata"
 DEFAULT_SUFFIX = ".distcp"
@@ -69,6 +68,18 @@ def describe_item(index: Any) -> str:
     return f"{index.fqn!r}" if index.offset is None else f"{index.fqn!r} (chunk at {list(index.offset)})"
 
 
+def metadata_chunk(tensor: Any, index: Any) -> Any:
+    """The chunk of a tensor's metadata (``TensorStorageMetadata``) that the item ``index`` (a MetadataIndex)
+    stores; None where it has none at the item's offsets."""
+    chunks = getattr(tensor, "chunks", None) or []
+    hint = getattr(index, "index", None)
+    chunk = chunks[hint] if hint is not None and 0 <= hint < len(chunks) else None
+    if chunk is None or (index.offset is not None and chunk.offsets != index.offset):  # torch.Size both
+        offset = None if index.offset is None else tuple(index.offset)
+        chunk = next((c for c in chunks if offset is None or tuple(c.offsets) == offset), None)
+    return chunk
+
+
 def metadata_file_name(rank: Optional[int] = None) -> str:
     return _metadata_fn if rank is None else f"__{rank}{_metadata_fn}"
 
@@ -79,32 +90,3 @@ class Stored(Enum):
     TORCH_SAVE = "torch_save"  # a torch.save archive (the only thing stream transforms are applied to)
     SAFETENSORS = "safetensors"  # an entry's raw bytes in this package's safetensors file
     STOCK_SAFETENSORS = "stock safetensors"  # stock torch 2.8+: found by fqn in the header the item points at
-
-
-def stored_as(
-    info: Any,
-    file_header: Callable[[], Optional[_safetensors.Header]],
-    read_head: Callable[[], bytes],
-    is_tensor: bool,
-) -> Optional[Stored]:
-    """How the item with storage info ``info`` is stored; None where its bytes are none of these.
-
-    Decided by the storage info where it says (stream transforms; this package's safetensors entries
-    are marked), else by the item's first ``_safetensors.SNIFF_BYTES`` bytes (``read_head()``), else
-    by the safetensors header at the start of its data file (``file_header()``: this package's
-    files from before entries were marked). Each is called only where it decides. Non-tensor
-    values are stored as their bytes: they count as the format of the file around them.
-    """
-    if transform_descriptors_of(info):
-        return Stored.TORCH_SAVE
-    if _safetensors.is_ours(info):
-        return Stored.SAFETENSORS
-    head = read_head()
-    if head[:4] == ZIP_MAGIC:
-        return Stored.TORCH_SAVE
-    if is_tensor and _safetensors.looks_like_header(head):
-        return Stored.STOCK_SAFETENSORS
-    header = file_header()
-    if header is not None and info.offset >= header.data_start:
-        return Stored.SAFETENSORS
-    return None

@@ -14,23 +14,25 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 import time
-from typing import Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import IO, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from . import _safetensors
 from ._bytes import numel, tensor_bytes
-from ._checksum import ChecksummingWriter
-from ._crc import crc32
+from ._checksum import BLOCK_BYTES
+from ._crc import crc32, crc32_combine
 from ._hf_layout import INDEX_FILE_NAME, Chunk, Tensor, file_name, index_bytes, names, scan
-from ._parallel import for_each, run_in_threads
+from ._parallel import for_each, run_in_threads, write_with_crc
 from ._paths import open_regular
 from .fs import FileSystem
 
 logger = logging.getLogger(__package__)
 
 BATCH_BYTES = 64 << 20
+_BESIDE_BYTES = 1 << 20  # whole blocks this large are checksummed on a second thread while they are written
 
 
 class Region(NamedTuple):
@@ -111,6 +113,55 @@ def batches(tensors: Sequence[OutputTensor]) -> Iterator[List[Region]]:
         yield batch
 
 
+class _EntryCrcs:
+    """The CRC-32s of one entry's ``BLOCK_BYTES`` blocks, taken as its bytes are written piece by piece: each
+    piece's whole blocks beside their write (``_parallel.write_with_crc``), the blocks it shares with the pieces
+    before and after it here."""
+
+    def __init__(self) -> None:
+        self.words = bytearray()  # the finished blocks' CRC-32s, little-endian 32-bit words
+        self.lengths: List[int] = []
+        self._open_crc = 0
+        self._open_bytes = 0  # of the block being filled
+
+    def write(self, stream: IO[bytes], data: memoryview) -> None:
+        if self._open_bytes:
+            take = data[: BLOCK_BYTES - self._open_bytes]
+            stream.write(take)
+            self._add_to_open(take)
+            data = data[len(take) :]
+        whole = len(data) - len(data) % BLOCK_BYTES
+        if whole >= _BESIDE_BYTES:
+            _, words = write_with_crc(stream, data[:whole], BLOCK_BYTES)
+            self.words += words
+            self.lengths += [BLOCK_BYTES] * (whole // BLOCK_BYTES)
+            data = data[whole:]
+        if len(data):
+            stream.write(data)
+            for start in range(0, len(data), BLOCK_BYTES):
+                self._add_to_open(data[start : start + BLOCK_BYTES])
+
+    def _add_to_open(self, data: memoryview) -> None:
+        self._open_crc = crc32(data, self._open_crc)
+        self._open_bytes += len(data)
+        if self._open_bytes == BLOCK_BYTES:
+            self._close()
+
+    def _close(self) -> None:
+        self.words += struct.pack("<I", self._open_crc)
+        self.lengths.append(self._open_bytes)
+        self._open_crc = self._open_bytes = 0
+
+    def finish(self) -> Tuple[int, bytes]:
+        """(the entry's CRC-32, its blocks' CRC-32s)."""
+        if self._open_bytes:
+            self._close()
+        crc = 0
+        for (block_crc,), length in zip(struct.iter_unpack("<I", self.words), self.lengths):
+            crc = crc32_combine(crc, block_crc, length)
+        return crc, bytes(self.words)
+
+
 class OutputFile:
     """One safetensors file of whole tensors, written front to back under a temporary name: ``write`` each
     tensor's bytes in the order of ``tensors``, then ``commit`` (CRC-32s into the header, sync, rename)."""
@@ -118,30 +169,31 @@ class OutputFile:
     def __init__(self, path: str, tensors: Sequence[OutputTensor], metadata: Dict[str, str]) -> None:
         self.path = path
         self.tmp_path = path + ".tmp"
-        keys = [t.fqn for t in tensors]
-        metadata = {**metadata, _safetensors.CRC32_KEY: _safetensors.crc32_room_for(keys)}
-        self.header = _safetensors.encode_header([(t.fqn, t.dtype, t.size) for t in tensors], metadata)
         self._sizes = [(t.fqn, numel(t.size) * t.dtype.itemsize) for t in tensors]
+        metadata = {**metadata, **_safetensors.crc32_room_for(self._sizes)}
+        self.header = _safetensors.encode_header([(t.fqn, t.dtype, t.size) for t in tensors], metadata)
         self._at = -1  # the entry being written
         self._left = 0  # its bytes still to come
+        self._entry = _EntryCrcs()
         self.crcs: Dict[str, int] = {}
+        self.blocks: Dict[str, bytes] = {}
         self._file = open(self.tmp_path, "wb")
         try:
-            self._stream = ChecksummingWriter(self._file)
-            self._stream.write(self.header)
+            self._file.write(self.header)
             self._advance()
         except BaseException:
             self.discard()
             raise
 
     def _advance(self) -> None:
-        """Past every finished entry (an empty one at once), recording its CRC-32; on to the next."""
+        """Past every finished entry (an empty one at once), recording its CRC-32s; on to the next."""
         while self._left == 0 and self._at < len(self._sizes):
             if self._at >= 0:
-                self.crcs[self._sizes[self._at][0]] = self._stream.crc
+                key = self._sizes[self._at][0]
+                self.crcs[key], self.blocks[key] = self._entry.finish()
             self._at += 1
             if self._at < len(self._sizes):
-                self._stream.start_item()
+                self._entry = _EntryCrcs()
                 self._left = self._sizes[self._at][1]
 
     def write(self, fqn: str, data: memoryview) -> None:
@@ -151,7 +203,7 @@ class OutputFile:
         key = self._sizes[self._at][0] if self._at < len(self._sizes) else None
         if fqn != key or len(data) > self._left:
             raise AssertionError(f"{self.path}: {len(data)} bytes of {fqn!r} do not fit where {key!r} is written")
-        self._stream.write(data)
+        self._entry.write(self._file, data)
         self._left -= len(data)
         self._advance()
 
@@ -159,8 +211,8 @@ class OutputFile:
         try:
             if self._at < len(self._sizes):
                 raise AssertionError(f"{self.path}: closed before all of its tensors were written")
-            self._stream.flush()
-            os.pwrite(self._file.fileno(), _safetensors.with_crc32s(self.header, self.crcs), 0)
+            self._file.flush()
+            os.pwrite(self._file.fileno(), _safetensors.with_crc32s(self.header, self.crcs, self.blocks), 0)
             if sync:
                 os.fsync(self._file.fileno())
             self._file.close()

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import _safetensors
+from . import _checksum, _safetensors
 from ._bytes import numel
 from ._paths import check_storage_file
 from .fs import FileSystemBase, PathLike, file_descriptor
@@ -57,6 +57,7 @@ class Chunk(NamedTuple):
     entry: _safetensors.Entry
     file: str  # the file's name, relative to the directory
     crc32: Optional[int]  # the CRC-32 its header records for the entry's bytes, if any
+    blocks: Optional[_checksum.Blocks]  # and for each block of them, if any
 
 
 class Tensor(NamedTuple):
@@ -106,9 +107,9 @@ def _file_chunks(fs: FileSystemBase, directory: PathLike, name: str) -> List[Chu
         sharding = None
     if not isinstance(sharding, dict):
         raise ValueError(f"{where}: safetensors header's {_safetensors.SHARDING_INFO_KEY} is not a JSON object")
-    crcs = _safetensors.recorded_crc32s(header, where)
+    crcs, blocks = _safetensors.recorded_crc32s(header, where)
     return [
-        Chunk(key, _offsets(sharding, key, entry, where), entry, name, crcs.get(key))
+        Chunk(key, _offsets(sharding, key, entry, where), entry, name, crcs.get(key), blocks.get(key))
         for key, entry in header.entries.items()
     ]
 

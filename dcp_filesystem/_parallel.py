@@ -4,16 +4,32 @@
 errors to the caller; the rest decides how many threads a job is worth, under
 one budget of cores, and does large positional reads and CRC-32s in parts
 (os.preadv and zlib.crc32 release the GIL).
+
+The budget is this process's share of its node: of the C CPUs in its affinity
+(``os.sched_getaffinity``: taskset, numactl, cgroup cpusets; ``os.cpu_count()``
+where the platform has no affinity) and the N CPUs of the machine
+(``os.cpu_count()``), shared by the L ranks on the node (``LOCAL_WORLD_SIZE``,
+as torchrun sets it), it is ``max(1, min(C, N // L))``: at most its affinity
+and at most its 1/L of the machine. Ranks pinned by the launcher to sets of
+their own (C * L <= N) keep their whole set; ranks that share the machine
+divide it; ranks bound L/k to each of k NUMA nodes get N/L each. Ranks that all
+share one set smaller than the machine (a container's cpuset, which
+``os.cpu_count()`` does not see) cannot be told apart from those and take up
+to N/L each. ``LOCAL_WORLD_SIZE`` unset means L = 1; a value that is not a
+positive integer is warned about and taken as 1. The budget is worked out on
+first use in each process, the first load (a forked child works it out
+again): affinity the process sets itself after that is not seen.
 """
 from __future__ import annotations
 
 import functools
 import os
 import threading
+import warnings
 from typing import IO, Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._crc import crc32 as _crc32
-from ._crc import crc32_combine
+from ._crc import crc32_blocks, crc32_combine
 from .fs import file_descriptor
 
 T = TypeVar("T")
@@ -100,13 +116,39 @@ def worker_count(thread_count: int, files: int, nbytes: int) -> int:
     return max(1, min(thread_count, files, nbytes // _BYTES_PER_THREAD))
 
 
-@functools.cache
+def _core_budget() -> int:
+    """This process's share of its node's cores, by the rule in this module's docstring."""
+    machine = os.cpu_count() or 1
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    ranks, setting = 1, os.environ.get("LOCAL_WORLD_SIZE")
+    if setting is not None:
+        try:
+            ranks = int(setting)
+        except ValueError:
+            ranks = 0
+        if ranks < 1:
+            ranks = 1
+            warnings.warn(
+                f"LOCAL_WORLD_SIZE={setting!r} is not a positive integer: {__package__} takes this process for "
+                f"the only rank on its node, with all {affinity} CPUs of its affinity",
+                stacklevel=2,
+            )
+    return max(1, min(affinity, machine // ranks))
+
+
+_budget = (0, 0)  # (the process it was worked out in, the budget)
+
+
 def _cores() -> int:
-    return os.cpu_count() or 1  # a system call on some platforms: asked once
+    global _budget
+    pid = os.getpid()  # a forked child (set to other CPUs, say) works its budget out again
+    if _budget[0] != pid:
+        _budget = (pid, _core_budget())
+    return _budget[1]
 
 
 def share_of_cores(sharing: int) -> int:
-    """The cores one of ``sharing`` jobs running at once may use (at least one)."""
+    """The cores one of ``sharing`` jobs running at once may use (at least one), of this process's budget."""
     return max(1, _cores() // max(sharing, 1))
 
 
@@ -117,8 +159,9 @@ def _parts(size: int, sharing: int) -> List[Tuple[int, int]]:
     return [(start, min(start + step, size)) for start in range(0, size, step)] if step else [(0, 0)]
 
 
-def crc32(data: memoryview, sharing: int = 1) -> int:
-    """The CRC-32 of ``data``, in parts on this job's share of the cores for large buffers."""
+def crc32_on_cores(data: memoryview, sharing: int = 1) -> int:
+    """The CRC-32 of ``data``, in parts on this job's share of the cores (``sharing`` such jobs at once) for
+    large buffers. Not a running CRC: for that, ``_crc.crc32(data, value)``."""
     if len(data) < 2 * _PART_BYTES:
         return _crc32(data)
     parts = _parts(len(data), sharing)
@@ -131,10 +174,12 @@ def crc32(data: memoryview, sharing: int = 1) -> int:
     return result
 
 
-def write_with_crc(stream: IO[bytes], data: memoryview) -> int:
-    """Write ``data`` while its CRC-32 is computed on another thread; the CRC-32."""
-    crc, _ = run_in_threads([functools.partial(_crc32, data), functools.partial(stream.write, data)], "crc32")
-    return crc
+def write_with_crc(stream: IO[bytes], data: memoryview, block_bytes: int) -> Tuple[int, bytes]:
+    """Write ``data`` while its CRC-32s are computed on another thread: ``_crc.crc32_blocks``."""
+    crcs, _ = run_in_threads(
+        [functools.partial(crc32_blocks, data, block_bytes), functools.partial(stream.write, data)], "crc32"
+    )
+    return crcs
 
 
 def preadv_descriptor(stream: IO[bytes]) -> Optional[int]:

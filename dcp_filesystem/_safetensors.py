@@ -9,6 +9,10 @@ bytes, inside the file's data section.
 
 Stock torch 2.8+ writes the same kind of file, but an item's storage info
 points at the file's header (offset 0), and the item is found by its fqn.
+
+Loads: ``read_item`` fills a target with an entry's bytes, straight from the
+file where the target takes them, checked against the item's CRC-32; where the
+load needs part of the entry, only that part (``_partial``).
 """
 from __future__ import annotations
 
@@ -16,13 +20,15 @@ import io
 import json
 import re
 import struct
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint.planner import WriteItem
 
-from . import _compat
-from ._bytes import byte_count, chunk_nbytes, numel
+from . import _checksum, _compat, _partial
+from ._bytes import byte_count, chunk_nbytes, numel, tensor_bytes, tensor_from_bytes
+from ._format import metadata_chunk
+from ._item import Item
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 DCP_VERSION_KEY = "DCP_VERSION"
@@ -30,12 +36,16 @@ DCP_VERSION_VALUE = "1.0"
 FORMAT_KEY = "format"
 FORMAT_VALUE = "pt"
 BYTE_IO_KEY = "DCP_BYTE_IO"
-# In ``__metadata__`` (whose values must be strings): a JSON object of entry key -> the CRC-32 of the entry's
-# bytes as 8 hex digits, or CRC32_UNKNOWN where the file was not finished. Written where the writer can go
-# back to the header once the entries' bytes are written (see with_crc32s).
+# In ``__metadata__`` (whose values must be strings), where the writer could go back to the header once the
+# entries were written (see with_crc32s): CRC32_KEY, a JSON object of entry key -> the CRC-32 of the entry's
+# bytes as 8 hex digits; CRC32_BLOCKS_KEY, for entries of more than one block, {"block_bytes": N, "entries":
+# {key: the CRC-32 of each N-byte block of the entry, 8 hex digits each}}. CRC32_UNKNOWN, in place of 8 hex
+# digits, says a value was not recorded.
 CRC32_KEY = "DCP_CRC32"
+CRC32_BLOCKS_KEY = "DCP_CRC32_BLOCKS"
 CRC32_UNKNOWN = "--------"
 _HEX8 = re.compile("[0-9a-f]{8}")
+_COMPACT = (",", ":")
 HEADER_METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000
 _OURS_FIELD = "safetensors_entry"  # in an item's storage info: see mark_ours
@@ -103,7 +113,7 @@ def file_layout(
     byte_items: List[Tuple[WriteItem, io.BytesIO]], tensor_items: List[WriteItem], crc32_room: bool = False
 ) -> Tuple[bytes, Dict[int, Tuple[str, int]]]:
     """The header of a data file holding these items in this order and, per item id, its key and byte count;
-    with ``crc32_room``, with CRC32_UNKNOWN for each entry's CRC-32 (filled in by with_crc32s)."""
+    with ``crc32_room``, with room for the entries' CRC-32s (see with_crc32s)."""
     fqn_counts: Dict[str, int] = {}
     for wi in tensor_items:
         fqn_counts[wi.index.fqn] = fqn_counts.get(wi.index.fqn, 0) + 1
@@ -125,58 +135,8 @@ def file_layout(
     if byte_items:
         metadata[BYTE_IO_KEY] = json.dumps([wi.index.fqn for wi, _ in byte_items])
     if crc32_room:
-        metadata[CRC32_KEY] = crc32_room_for(key for key, *_ in entries)
+        metadata.update(crc32_room_for([(key, nbytes) for key, _, _, nbytes in entries]))
     return _encode_header(entries, metadata), layout
-
-
-def encode_header(entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]], metadata: Dict[str, str]) -> bytes:
-    """The 8-byte length and JSON header of a file holding whole tensors of these dtypes and shapes back to back."""
-    return _encode_header([(key, dtype, shape, numel(shape) * dtype.itemsize) for key, dtype, shape in entries],
-                          metadata)
-
-
-def crc32_room_for(keys: Iterable[str]) -> str:
-    """The CRC32_KEY value a header holds until its entries' CRC-32s are known: the same length as theirs."""
-    return json.dumps({key: CRC32_UNKNOWN for key in keys}, separators=(",", ":"))
-
-
-def with_crc32s(header: bytes, crcs: Dict[str, int]) -> bytes:
-    """``header`` (from file_layout or encode_header, with room for CRC-32s) with these CRC-32s filled in:
-    bytes of the same length, to be written over it."""
-    parsed = json.loads(header[8:])
-    room = json.loads(parsed[HEADER_METADATA_KEY][CRC32_KEY])
-    if set(room) != set(crcs):
-        raise AssertionError(f"CRC-32s for {sorted(crcs)}, but the header has room for {sorted(room)}")
-    parsed[HEADER_METADATA_KEY][CRC32_KEY] = json.dumps(
-        {key: f"{crcs[key] & 0xFFFFFFFF:08x}" for key in room}, separators=(",", ":")
-    )
-    text = json.dumps(parsed, separators=(",", ":")).encode("utf-8")
-    if len(text) > len(header) - 8:
-        raise AssertionError("a header with its CRC-32s filled in is longer than the header it replaces")
-    return header[:8] + text + b" " * (len(header) - 8 - len(text))
-
-
-def recorded_crc32s(header: Header, where: str) -> Dict[str, int]:
-    """The CRC-32 the header records for each of its entries (those written before the file was finished, or
-    by another writer, have none)."""
-    text = header.metadata.get(CRC32_KEY)
-    if text is None:
-        return {}
-    try:
-        recorded = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise ValueError(f"{where}: safetensors header's {CRC32_KEY} is not a JSON object of CRC-32s: {text!r}")
-    crcs: Dict[str, int] = {}
-    for key, value in recorded.items():
-        if value == CRC32_UNKNOWN:
-            continue
-        if key not in header.entries or not isinstance(value, str) or not _HEX8.fullmatch(value):
-            raise ValueError(f"{where}: safetensors header's {CRC32_KEY} has {value!r} for {key!r}, "
-                             "which is no entry's CRC-32 (8 hex digits)")
-        crcs[key] = int(value, 16)
-    return crcs
 
 
 def looks_like_header(head: bytes) -> bool:
@@ -273,18 +233,6 @@ def is_ours(info: Any) -> bool:
     return bool(getattr(info, _OURS_FIELD, False))
 
 
-def metadata_chunk(tensor: Any, index: Any) -> Any:
-    """The chunk of a tensor's metadata (``TensorStorageMetadata``) that the item ``index`` (a MetadataIndex)
-    stores; None where it has none at the item's offsets."""
-    chunks = getattr(tensor, "chunks", None) or []
-    hint = getattr(index, "index", None)
-    chunk = chunks[hint] if hint is not None and 0 <= hint < len(chunks) else None
-    if chunk is None or (index.offset is not None and chunk.offsets != index.offset):  # torch.Size both
-        offset = None if index.offset is None else tuple(index.offset)
-        chunk = next((c for c in chunks if offset is None or tuple(c.offsets) == offset), None)
-    return chunk
-
-
 def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
     """The entry of a marked item, from the checkpoint's metadata of its tensor (``TensorStorageMetadata``);
     None for an unmarked item or where the metadata has no chunk at the item's offsets."""
@@ -303,3 +251,207 @@ def entry_from_metadata(info: Any, tensor: Any, index: Any) -> Optional[Entry]:
 def stock_entry(header: Optional[Header], fqn: str) -> Optional[Entry]:
     """The entry of an item in a stock torch file, whose storage info points at the file's header."""
     return None if header is None else header.entries.get(fqn)
+
+
+def file_header(data_file: Any, base: int = 0) -> Optional[Header]:
+    """The safetensors header that starts at ``base`` of an open data file (a ``DataFile``), or None where none
+    does; parsed once per file."""
+    key = (__name__, base)
+    if key not in data_file.parsed:
+        where = f"{data_file.name} (offset {base})"
+        data_file.parsed[key] = read_header(data_file.read_at, base, data_file.size, where)
+    return data_file.parsed[key]
+
+
+def prepare_file(data_file: Any, infos: Sequence[Any]) -> None:
+    """Parse the header a load of these items may use, so that a damaged one fails first, whichever item
+    comes first: that of a local file holding items not marked as this package's."""
+    if data_file.local and not all(is_ours(info) for info in infos):
+        file_header(data_file)
+
+
+def _entry(data_file: Any, item: Item, stock: bool) -> Entry:
+    """The entry that holds an item: a marked item's from the metadata, else from its file's header (stock
+    torch's items point at the header of the file holding them and are found by fqn)."""
+    info, index = item.info, item.req.storage_index
+    if stock:
+        entry = stock_entry(file_header(data_file, info.offset), index.fqn)
+    else:
+        entry = entry_from_metadata(info, item.tensor, index)
+        if entry is None:
+            header = file_header(data_file)
+            end = info.offset + info.length
+            entry = None if header is None else find_entry(header, index.fqn, index.offset, info.offset, end)
+    if entry is None:
+        where = "" if stock else f" [{info.offset}, {info.offset + info.length})"
+        raise item.cannot_read(ValueError(f"no safetensors entry covers the item's bytes{where}"))
+    return entry
+
+
+def read_item(data_file: Any, item: Item, target: torch.Tensor, stock: bool, payload: Optional[bytearray]) -> None:
+    """Fill ``target`` with the part of a tensor stored as a safetensors entry that ``item`` asks for:
+    straight from the file where the target takes the whole entry, else through memory. ``payload``: the
+    item's stored bytes where they were read already (checked)."""
+    entry = _entry(data_file, item, stock)
+    nbytes = entry.end - entry.begin
+    if payload is None and not item.is_whole(entry.shape) and _partial.enabled():
+        blocks = _checksum.blocks_of_run(item.info, entry.begin - item.info.offset, nbytes)
+        if blocks is not None or not item.checked:  # else read whole, to be checked
+            _partial.read_part(data_file, item, target, entry.begin, entry.shape, entry.dtype, blocks)
+            return
+    if (payload is None and item.is_whole(entry.shape) and target.dtype == entry.dtype
+            and data_file.takes(target)):
+        item.check_size(target, entry.shape)
+        with_crc = item.checked and not stock
+        crc = data_file.read_into(item, target, entry.begin, nbytes, with_crc)
+        if with_crc:
+            item.check(crc)
+        return
+    if stock:
+        raw = data_file.read_exact(entry.begin, nbytes, item)
+    else:
+        raw = data_file.read_checked(item) if payload is None else payload
+    item.fill(target, tensor_from_bytes(raw, entry.dtype, entry.shape))
+
+
+def plain_in_metadata(item: Item) -> Optional[Tuple[torch.dtype, Tuple[int, ...], int, int]]:
+    """(dtype, shape, 0, nbytes) of a marked item's whole entry, from the metadata alone; None where it has none.
+    A bare tuple: many small items take this way (see ``_load_items``)."""
+    entry = entry_from_metadata(item.info, item.tensor, item.req.storage_index)
+    return None if entry is None else (entry.dtype, entry.shape, 0, item.info.length)
+
+
+def write_tensor(tensor: torch.Tensor, stream: IO[bytes]) -> None:
+    """An entry's bytes: the tensor's, in row-major order."""
+    contiguous = tensor.contiguous()  # held while its bytes are written: tensor_bytes does not hold it
+    stream.write(tensor_bytes(contiguous))
+
+
+def start_file(
+    stream: IO[bytes],
+    storage_key: str,
+    byte_items: List[Tuple[WriteItem, io.BytesIO]],
+    tensor_items: List[WriteItem],
+    size: Callable[[WriteItem], int],
+    crc32_room: bool = False,
+) -> Callable[[torch.Tensor, WriteItem], None]:
+    """Write the header of a data file of these items; the header fixes their order, so ``tensor_items`` is
+    sorted into it here by ``size``, the order the writer's loaders keep. Returns the check each tensor must
+    pass, in that order, before its bytes are written. ``crc32_room``: see file_layout."""
+    tensor_items.sort(key=size)
+    header, layout = file_layout(byte_items, tensor_items, crc32_room)
+    stream.write(header)
+    expected = iter(tensor_items)
+
+    def check(tensor: torch.Tensor, wi: WriteItem) -> None:
+        if wi is not next(expected):
+            raise AssertionError("tensor loader changed the order fixed by the safetensors header")
+        key, nbytes = layout[id(wi)]
+        if tensor.dtype != wi.tensor_data.properties.dtype or tensor.numel() * tensor.element_size() != nbytes:
+            raise ValueError(
+                f"{storage_key}: tensor {key!r} resolved to {tensor.dtype} {list(tensor.shape)}, "
+                f"but the save plan announced {wi.tensor_data.properties.dtype} {list(wi.tensor_data.chunk.sizes)}"
+            )
+
+    return check
+
+
+# ---------------------------------------------------------------- CRC-32s in the header
+def encode_header(entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]], metadata: Dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a file holding whole tensors of these dtypes and shapes back to back."""
+    return _encode_header([(key, dtype, shape, numel(shape) * dtype.itemsize) for key, dtype, shape in entries],
+                          metadata)
+
+
+def _block_count(nbytes: int) -> int:
+    return -(-nbytes // _checksum.BLOCK_BYTES) if nbytes > _checksum.BLOCK_BYTES else 0
+
+
+def crc32_room_for(entries: Sequence[Tuple[str, int]]) -> Dict[str, str]:
+    """The ``__metadata__`` values that hold the CRC-32s of entries (key, byte count) until they are known:
+    CRC32_UNKNOWN in every place, the length the values will have."""
+    room = {CRC32_KEY: json.dumps({key: CRC32_UNKNOWN for key, _ in entries}, separators=_COMPACT)}
+    blocks = {key: CRC32_UNKNOWN * _block_count(nbytes) for key, nbytes in entries if _block_count(nbytes)}
+    if blocks:
+        value = {"block_bytes": _checksum.BLOCK_BYTES, "entries": blocks}
+        room[CRC32_BLOCKS_KEY] = json.dumps(value, separators=_COMPACT)
+    return room
+
+
+def _hex_words(words: bytes) -> str:
+    return "".join(f"{w:08x}" for w in struct.unpack(f"<{len(words) // 4}I", words))
+
+
+def with_crc32s(header: bytes, crcs: Dict[str, int], blocks: Dict[str, bytes]) -> bytes:
+    """``header`` (with room from crc32_room_for) with the entries' CRC-32s and their blocks' (``_crc.crc32_blocks``
+    words) filled in: bytes of the same length, to be written over it. An entry with room for block CRC-32s but
+    none of the right count given keeps CRC32_UNKNOWN there."""
+    parsed = json.loads(header[8:])
+    metadata = parsed[HEADER_METADATA_KEY]
+    room = json.loads(metadata[CRC32_KEY])
+    if set(room) != set(crcs):
+        raise AssertionError(f"CRC-32s for {sorted(crcs)}, but the header has room for {sorted(room)}")
+    metadata[CRC32_KEY] = json.dumps({key: f"{crcs[key]:08x}" for key in room}, separators=_COMPACT)
+    if CRC32_BLOCKS_KEY in metadata:
+        block_room = json.loads(metadata[CRC32_BLOCKS_KEY])
+        for key, unknown in block_room["entries"].items():
+            words = blocks.get(key)
+            if words is not None and 2 * len(words) == len(unknown):
+                block_room["entries"][key] = _hex_words(words)
+        metadata[CRC32_BLOCKS_KEY] = json.dumps(block_room, separators=_COMPACT)
+    text = json.dumps(parsed, separators=_COMPACT).encode("utf-8")
+    if len(text) > len(header) - 8:
+        raise AssertionError("a header with its CRC-32s filled in is longer than the header it replaces")
+    return header[:8] + text + b" " * (len(header) - 8 - len(text))
+
+
+def _json_object(header: Header, key: str, where: str) -> Optional[Dict[str, Any]]:
+    text = header.metadata.get(key)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: safetensors header's {key} is not a JSON object of CRC-32s: {text!r}")
+    return value
+
+
+def _bad_crc(where: str, key: str, value: Any, entry: str, what: str) -> ValueError:
+    return ValueError(f"{where}: safetensors header's {key} has {value!r} for {entry!r}, which is no {what}")
+
+
+def recorded_crc32s(header: Header, where: str) -> Tuple[Dict[str, int], Dict[str, _checksum.Blocks]]:
+    """The CRC-32 the header records for each of its entries, and the block CRC-32s of those it records them for
+    (entries written before the file was finished, or by another writer, have none)."""
+    crcs: Dict[str, int] = {}
+    for key, value in (_json_object(header, CRC32_KEY, where) or {}).items():
+        if value == CRC32_UNKNOWN:
+            continue
+        if key not in header.entries or not isinstance(value, str) or not _HEX8.fullmatch(value):
+            raise _bad_crc(where, CRC32_KEY, value, key, "entry's CRC-32 (8 hex digits)")
+        crcs[key] = int(value, 16)
+    blocks: Dict[str, _checksum.Blocks] = {}
+    recorded = _json_object(header, CRC32_BLOCKS_KEY, where)
+    if recorded is None:
+        return crcs, blocks
+    block_bytes, entries = recorded.get("block_bytes"), recorded.get("entries")
+    if not isinstance(block_bytes, int) or isinstance(block_bytes, bool) or block_bytes < 1 or not isinstance(
+            entries, dict):
+        raise ValueError(f"{where}: safetensors header's {CRC32_BLOCKS_KEY} has no positive block_bytes and "
+                         f"entries object: {header.metadata[CRC32_BLOCKS_KEY][:200]!r}")
+    for key, value in entries.items():
+        entry = header.entries.get(key)
+        count = -(-(entry.end - entry.begin) // block_bytes) if entry is not None else -1
+        if not isinstance(value, str) or len(value) != 8 * count:
+            raise _bad_crc(where, CRC32_BLOCKS_KEY, value[:40] if isinstance(value, str) else value, key,
+                           f"list of the CRC-32s of its {block_bytes}-byte blocks (8 hex digits each)")
+        if value == CRC32_UNKNOWN * count:
+            continue
+        words = [value[i : i + 8] for i in range(0, len(value), 8)]
+        if not all(_HEX8.fullmatch(word) for word in words):
+            raise _bad_crc(where, CRC32_BLOCKS_KEY, value[:40], key,
+                           f"list of the CRC-32s of its {block_bytes}-byte blocks (8 hex digits each)")
+        blocks[key] = _checksum.Blocks(block_bytes, 0, struct.pack(f"<{count}I", *(int(w, 16) for w in words)))
+    return crcs, blocks

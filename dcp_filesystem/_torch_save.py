@@ -12,6 +12,11 @@ globals and views the storage bytes in place; an archive it does not recognise
 is passed to ``torch.load(weights_only=True)``. An archive of a layout seen
 before (same dtype, shape and size) is checked byte for byte against it and
 only its storage and serialization id CRC-checked, instead of parsed again.
+
+Loads: ``read_item`` fills a target with the tensor of an item's archive. A
+large archive's storage is read straight into the target: where its first bytes
+place it, the storage first and then the records after it (which must confirm
+that place); else both edges of the archive first, then the storage.
 """
 from __future__ import annotations
 
@@ -27,11 +32,20 @@ from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from . import _checksum, _partial
 from ._bytes import storage_bytes
 from ._checksum import write_with_crc
 from ._crc import crc32
+from ._item import Item
 
 ZIP_MAGIC = b"PK\x03\x04"
+# Archives this large are read straight into their destination: their head, the storage, the rest
+# (or, where the head does not place the storage, both edges first).
+_IN_PLACE_ARCHIVE_BYTES = 1 << 20
+_ARCHIVE_EDGE_BYTES = 16 << 10
+_EDGE_RANGE = range(_ARCHIVE_EDGE_BYTES + 1)
+# What a failed decode raises, besides _Unsupported (which falls back to torch.load).
+DECODE_ERRORS = (ValueError, RuntimeError, pickle.UnpicklingError, EOFError)
 _END_OF_CENTRAL_DIR = struct.Struct("<IHHHHIIH")
 _CENTRAL_DIR_ENTRY = struct.Struct("<IHHHHHHIIIHHHHHII")
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
@@ -598,3 +612,131 @@ def save_tensor(tensor: torch.Tensor, stream: IO[bytes]) -> None:
         torch.save(tensor, stream)
         return
     _write_archive(tensor, stream, layout, b"%040d" % random.getrandbits(128))
+
+
+def is_archive(head: Any) -> bool:
+    """Whether bytes start a zip archive, as torch.save writes."""
+    return bytes(head[:4]) == ZIP_MAGIC
+
+
+def plain_in_memory(data_file: Any, item: Item, begin: int) -> Optional[Tuple[torch.dtype, Tuple[int, ...], int, int]]:
+    """(dtype, size, start within the item, nbytes) of an item's archive that ``data_file.ahead_buffer`` holds
+    from ``begin``, where it is laid out like one decoded before (``plain_from_template``); else None. A bare
+    tuple: building a PlainTensor per item and reading its fields made this way 12-14 % slower for 2 000
+    small items."""
+    try:
+        found = plain_from_template(data_file.ahead_buffer, begin, item.info.length)
+    except ValueError as e:  # a member's CRC-32
+        raise item.cannot_read(e) from e
+    return None if found is None else (found.dtype, found.size, found.start, found.nbytes)
+
+
+def read_item(data_file: Any, item: Item, target: torch.Tensor, payload: Optional[bytearray]) -> None:
+    """Fill ``target`` with the part of the tensor in an item's archive that the item asks for: straight from
+    the file where that can be done, else decoded in memory. ``payload``: the archive's bytes where they were
+    read already (checked, stream transforms undone)."""
+    if payload is None:
+        if _read_in_place(data_file, item, target):
+            return
+        payload = data_file.read_checked(item)
+    try:
+        tensor = load_tensor(payload)
+    except DECODE_ERRORS as e:
+        raise item.cannot_read(e) from e
+    item.fill(target, tensor)
+
+
+def _read_in_place(data_file: Any, item: Item, target: torch.Tensor) -> bool:
+    """Read a large archive's tensor, or the part of it the item asks for, straight into ``target``; False
+    where that cannot be done (the archive is then decoded in memory)."""
+    info = item.info
+    if info.length < _IN_PLACE_ARCHIVE_BYTES or not data_file.local:
+        return False
+    whole = not any(item.req.storage_offsets)
+    if whole and not data_file.takes(target):
+        return False  # e.g. no pinned memory for that device: the decoded tensor is copied there
+    found = _plain_run(data_file, item)
+    if found is None:
+        return False
+    plain, before, after = found
+    if not item.is_whole(plain.size):
+        return _read_part(data_file, item, target, plain, before, after)
+    if target.dtype != plain.dtype or not data_file.takes(target):
+        return False
+    item.check_size(target, plain.size)
+    with_crc = item.checked or bool(plain.crc) or after is None
+    crc = data_file.read_into(item, target, plain.start, plain.nbytes, with_crc)
+    if after is None:
+        confirmed = _archive_after(data_file, item, plain, before)
+        if confirmed is None:
+            return False  # the decoded archive is copied over what was read
+        plain, after = confirmed
+    if item.checked:
+        item.check_around(before, crc, plain.nbytes, after)
+    if plain.crc and crc != plain.crc:
+        raise item.cannot_read(ValueError(crc_error(plain.member)))
+    return True
+
+
+def _read_part(
+    data_file: Any, item: Item, target: torch.Tensor, plain: PlainTensor, before: memoryview,
+    after: Optional[memoryview],
+) -> bool:
+    """Read the part of a large archive's tensor that the item asks for (``_partial``), once the archive's
+    records confirm where its storage lies; False where the item must be read whole (it has an item CRC-32
+    but no block CRC-32s, or partial reads are off)."""
+    blocks = _checksum.blocks_of_run(item.info, plain.start - item.info.offset, plain.nbytes)
+    if not _partial.enabled() or (blocks is None and item.checked):
+        return False
+    if after is None and _archive_after(data_file, item, plain, before) is None:
+        return False
+    _partial.read_part(data_file, item, target, plain.start, plain.size, plain.dtype, blocks)
+    return True
+
+
+def _plain_run(data_file: Any, item: Item) -> Optional[Tuple[PlainTensor, memoryview, Optional[memoryview]]]:
+    """Where a large archive's tensor lies as a plain run of bytes (``start`` in the file), with the archive's
+    bytes before and after that run; None where it does not. The bytes after are None where the archive's
+    head alone placed its storage: they are read after it, front to back, and must confirm it."""
+    info = item.info
+    head = memoryview(data_file.read_exact(info.offset, _ARCHIVE_EDGE_BYTES, item))
+    guess = plain_storage_from_head(head)
+    if guess is not None and guess.start <= len(head) and info.length - guess.start - guess.nbytes in _EDGE_RANGE:
+        return guess._replace(start=info.offset + guess.start), head[: guess.start], None
+    # Else the edges first, then the middle: only where the file allows reading back.
+    tail_offset = info.offset + info.length - _ARCHIVE_EDGE_BYTES
+    tail = memoryview(data_file.read_exact(tail_offset, _ARCHIVE_EDGE_BYTES, item))
+    plain = _archive_layout(item, head, tail)
+    if plain is None:
+        return None
+    after = info.length - plain.start - plain.nbytes
+    if plain.start > len(head) or after > len(tail):
+        return None
+    return plain._replace(start=info.offset + plain.start), head[: plain.start], tail[len(tail) - after :]
+
+
+def _archive_layout(item: Item, head: memoryview, tail: memoryview) -> Optional[PlainTensor]:
+    """``plain_storage`` of an archive's first and last bytes; None also where they are damaged and the
+    item has a checksum: the whole item is then read and checked against it instead."""
+    try:
+        return plain_storage(head, tail, item.info.length)
+    except DECODE_ERRORS as e:
+        if item.checked:
+            return None
+        raise item.cannot_read(e) from e
+
+
+def _archive_after(
+    data_file: Any, item: Item, guess: PlainTensor, before: memoryview
+) -> Optional[Tuple[PlainTensor, memoryview]]:
+    """Read the bytes of an archive after its storage, which its head placed, and check that its directory
+    puts the storage there too: (the storage as the directory describes it, those bytes), or None."""
+    info = item.info
+    end = guess.start + guess.nbytes
+    after = memoryview(data_file.read_exact(end, info.offset + info.length - end, item))
+    plain = _archive_layout(item, before, after)
+    if plain is None or (info.offset + plain.start, plain.nbytes, plain.dtype, plain.size) != (
+        guess.start, guess.nbytes, guess.dtype, guess.size
+    ):
+        return None
+    return plain._replace(start=guess.start), after

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import struct
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from . import _cleanup, _compat, _safetensors, _save_lock
-from ._checksum import record_crc32, stored_crc32
+from ._checksum import record_blocks, record_crc32, stored_blocks, stored_crc32
 from ._format import SerializationFormat, _StorageInfo
 from ._hf_consolidate import consolidate_safetensors_files
 from ._hf_layout import INDEX_FILE_NAME, SHARDED_DIR_NAME, file_name, index_bytes, names, scan
@@ -169,15 +169,21 @@ class HuggingFaceStorageWriter(FileSystemWriter):
         return fut
 
     def _fill_in_crc32s(self, results: List[WriteResult]) -> None:
-        per_file: Dict[str, Dict[str, int]] = {}
+        """Write each file's CRC-32s (and its entries' block CRC-32s, where the writer took them) into its header."""
+        per_file: Dict[str, Tuple[Dict[str, int], Dict[str, bytes]]] = {}
         for wr in results:
-            per_file.setdefault(wr.storage_data.relative_path, {})[wr.index.fqn] = stored_crc32(wr.storage_data)
-        for name, crcs in per_file.items():
+            crcs, blocks = per_file.setdefault(wr.storage_data.relative_path, ({}, {}))
+            crcs[wr.index.fqn] = stored_crc32(wr.storage_data)
+            found = stored_blocks(wr.storage_data)
+            if found is not None and found.start == 0:
+                blocks[wr.index.fqn] = found.crcs
+        for name, (crcs, blocks) in per_file.items():
             path = self.fs.local_path(self.fs.concat_path(self.path, name))
             try:
                 with open(path, "r+b") as f:
                     head = f.read(8)
-                    header = _safetensors.with_crc32s(head + f.read(struct.unpack("<Q", head)[0]), crcs)
+                    header = head + f.read(struct.unpack("<Q", head)[0])
+                    header = _safetensors.with_crc32s(header, crcs, blocks)
                     f.seek(0)
                     f.write(header)
                     if self.sync_files:
@@ -257,6 +263,8 @@ class HuggingFaceStorageReader(FileSystemReader):
                 _safetensors.mark_ours(info)  # its bytes are this entry's: read in place, no header needed
                 if chunk.crc32 is not None:
                     record_crc32(info, chunk.crc32)
+                if chunk.blocks is not None:
+                    record_blocks(info, chunk.blocks)  # a part of the entry is read in whole checked blocks
                 storage_data[MetadataIndex(fqn, offsets, i)] = info
             state_dict_metadata[fqn] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=tensor.dtype), size=torch.Size(tensor.size), chunks=chunks

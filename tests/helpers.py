@@ -273,6 +273,7 @@ def load_rank_local(reader, state, rank):
 def strip_checksums(path) -> None:
     """Rewrite a checkpoint's .metadata as an older dcp_filesystem wrote it: no checksums."""
     _strip_storage_info_field(path, "crc32")
+    _strip_storage_info_field(path, "crc32_blocks")
 
 
 def strip_safetensors_marks(path) -> None:

@@ -192,7 +192,7 @@ except RuntimeError:
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import dcp_filesystem
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat, _device_reads, reader
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat, _data_file, _device_reads
 from helpers import dcp_load, dcp_save
 
 dcp_filesystem._parallel._BYTES_PER_THREAD = 1  # these small checkpoints still get every thread asked for
@@ -213,7 +213,7 @@ def fake_pinned(nbytes):
 
 real_allocator = _compat.pinned_host_allocator
 
-real_read = reader._DataFile.readinto_with_crc
+real_read = _data_file.DataFile.readinto_with_crc
 
 
 def spy_read(self, offset, view, with_crc):
@@ -223,7 +223,7 @@ def spy_read(self, offset, view, with_crc):
     return real_read(self, offset, view, with_crc)
 
 
-reader._DataFile.readinto_with_crc = spy_read
+_data_file.DataFile.readinto_with_crc = spy_read
 
 real_read_into = _device_reads.DeviceReads.read_into
 

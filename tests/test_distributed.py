@@ -184,11 +184,17 @@ os._exit(0)
 """
 
 
-def run_two_ranks(worker, out, world=WORLD):
-    """Run ``worker`` (Python source) as the ``world`` ranks of a gloo group; returns what each saved to rank{r}.pt."""
+def run_two_ranks(worker, out):
+    """Run ``worker`` (Python source) as ranks 0 and 1 of a gloo group; returns what each saved to rank{r}.pt."""
+    return run_ranks(worker, out, WORLD)
+
+
+def run_ranks(worker, out, world, extra_args=()):
+    """Run ``worker`` as ranks 0 .. world-1 of a gloo group (argv: repo, out, init file, rank, timeout, then
+    ``extra_args``); returns what each saved to rank{r}.pt (removed afterwards, for the next run in ``out``)."""
     if not dist.is_gloo_available():
         pytest.skip("this torch was built without gloo")
-    init = out / "init_store"
+    init = out / f"init_store_{time.monotonic_ns()}"
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -199,7 +205,8 @@ def run_two_ranks(worker, out, world=WORLD):
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", worker, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S)],
+                [sys.executable, "-c", worker, REPO, str(out), str(init), str(rank), str(WORKER_TIMEOUT_S),
+                 *extra_args],
                 env=env, cwd=str(out), stdout=log, stderr=subprocess.STDOUT,
             )
         )  # fmt: skip
@@ -222,7 +229,11 @@ def run_two_ranks(worker, out, world=WORLD):
     codes = [p.returncode for p in procs]
     logs_text = "\n---\n".join(t[-6000:] for t in texts)
     assert codes == [0] * world, f"workers failed {codes}:\n{logs_text}"
-    return [torch.load(str(out / f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    results = []
+    for r in range(world):
+        results.append(torch.load(str(out / f"rank{r}.pt"), weights_only=False))
+        os.remove(str(out / f"rank{r}.pt"))
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -134,3 +134,47 @@ def test_single_bit_flips_never_load_wrong_values(tmp_path, options):
     always_raise = [r[0] == ".metadata" or r[3] not in (None, "empty") for r in regions]
     item_and_metadata_flips = sum(always_raise[n % len(regions)] for n in range(FLIPS_PER_VARIANT))
     assert outcomes["raised"] >= item_and_metadata_flips
+
+
+@pytest.mark.parametrize("fmt", [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS])
+def test_single_bit_flips_never_load_a_wrong_part(tmp_path, fmt):
+    """A load of part of a tensor with block checksums: a flip in a block it reads raises, naming the file and
+    the block; a flip anywhere else in the item raises or leaves the part bit-exact."""
+    from test_partial_reads import load_box
+
+    from dcp_filesystem import _checksum
+
+    big = _state()["big"]
+    path = tmp_path / "c"
+    dcp_save({"big": big}, FileSystemWriter(path, serialization_format=fmt))
+    info = next(iter(FileSystemReader(path).read_metadata().storage_data.values()))
+    blocks = _checksum.stored_blocks(info)
+    first, count = 100_000, 50_000  # elements: bytes [400 000, 600 000) of the tensor, in blocks 1 and 2
+    run = info.offset + blocks.start
+    read_begin = run + (first * 4) // blocks.block_bytes * blocks.block_bytes
+    read_end = run + -(-(first + count) * 4 // blocks.block_bytes) * blocks.block_bytes
+    name = path / info.relative_path
+    original = name.read_bytes()
+    rng = random.Random(20261206)
+    outcomes = {"raised": 0, "bit-exact": 0}
+    for n in range(120):
+        inside = n % 2 == 0
+        begin, end = (read_begin, read_end) if inside else (info.offset, info.offset + info.length)
+        offset = rng.randrange(begin, end)
+        damaged = bytearray(original)
+        damaged[offset] ^= 1 << rng.randrange(8)
+        name.write_bytes(bytes(damaged))
+        where = f"flip at {offset} (inside the blocks read: {inside})"
+        try:
+            part = load_box(path, "big", (first,), (count,))
+        except ValueError as e:
+            assert str(name) in str(e), f"{where}: the error does not name the file: {e}"
+            if read_begin <= offset < read_end:
+                assert "checksum mismatch in block" in str(e), f"{where}: {e}"
+            outcomes["raised"] += 1
+        else:
+            assert not read_begin <= offset < read_end, f"{where}: loaded"
+            assert torch.equal(part, big[first : first + count]), where
+            outcomes["bit-exact"] += 1
+    name.write_bytes(original)
+    assert outcomes["raised"] >= 60 and outcomes["bit-exact"] > 0, outcomes

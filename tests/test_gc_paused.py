@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import dcp_load, dcp_save
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, reader, writer
+from dcp_filesystem import FileSystemReader, FileSystemWriter, _commit, _load_items, _save_files
 from dcp_filesystem._gc import gc_paused
 
 
@@ -23,13 +23,13 @@ def gc_enabled():
 @pytest.fixture
 def gc_during_reads(monkeypatch):
     seen = []
-    real = reader.FileSystemReader._read_item
+    real = _load_items._read_item
 
-    def spy(self, *args):
+    def spy(*args):
         seen.append(gc.isenabled())
-        return real(self, *args)
+        return real(*args)
 
-    monkeypatch.setattr(reader.FileSystemReader, "_read_item", spy)
+    monkeypatch.setattr(_load_items, "_read_item", spy)
     return seen
 
 
@@ -37,7 +37,7 @@ def gc_during_reads(monkeypatch):
 def gc_during_writes(monkeypatch):
     """Whether collection was enabled in each item write and in finish (when it builds the metadata)."""
     seen = []
-    real_write, real_dump = writer._write_item, writer.dump_metadata
+    real_write, real_dump = _save_files._write_item, _commit.dump_metadata
 
     def spy_write(*args, **kwargs):
         seen.append(("write", gc.isenabled()))
@@ -47,8 +47,8 @@ def gc_during_writes(monkeypatch):
         seen.append(("finish", gc.isenabled()))
         return real_dump(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "_write_item", spy_write)
-    monkeypatch.setattr(writer, "dump_metadata", spy_dump)
+    monkeypatch.setattr(_save_files, "_write_item", spy_write)
+    monkeypatch.setattr(_commit, "dump_metadata", spy_dump)
     return seen
 
 
@@ -69,7 +69,7 @@ def test_failed_save_restores_collection(tmp_path, gc_enabled, monkeypatch):
         assert not gc.isenabled()
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(writer, "_write_item", fail)
+    monkeypatch.setattr(_save_files, "_write_item", fail)
     with pytest.raises(BaseException, match="disk on fire"):
         dcp_save({"a": torch.arange(4)}, FileSystemWriter(tmp_path))
     assert gc.isenabled()

@@ -15,7 +15,7 @@ import torch
 from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-import dcp_filesystem.writer
+import dcp_filesystem._save_files
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat, _device_reads
 from dcp_filesystem.loaders import _OverlappingCpuLoader, _SerialCpuLoader
 
@@ -34,14 +34,14 @@ MiB = 1 << 20
 def made_loaders(monkeypatch):
     """(loader, stream passed in, thread id) for every loader the writer makes."""
     made = []
-    make_loader = dcp_filesystem.writer._make_loader
+    make_loader = dcp_filesystem._save_files._make_loader
 
     def spy(planner, inflight_threshhold, stream):
         loader = make_loader(planner, inflight_threshhold, stream)
         made.append((loader, stream, threading.get_ident()))
         return loader
 
-    monkeypatch.setattr(dcp_filesystem.writer, "_make_loader", spy)
+    monkeypatch.setattr(dcp_filesystem._save_files, "_make_loader", spy)
     return made
 
 

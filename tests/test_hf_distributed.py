@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from helpers import assert_state_equal
-from test_distributed import HAS_DTENSOR, run_two_ranks
+from test_distributed import HAS_DTENSOR, run_ranks
 
 from dcp_filesystem._cli import main
 
@@ -158,7 +158,7 @@ def ranks(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp("hf-world") / f"run-{world}"
     out.mkdir()
-    return out, world, run_two_ranks(_WORKER, out, world=world)
+    return out, world, run_ranks(_WORKER, out, world)
 
 
 def test_consolidated_files_on_disk(ranks):

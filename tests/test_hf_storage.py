@@ -300,3 +300,67 @@ def test_inspect_a_hugging_face_directory(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "safetensors" and sorted(info["files"]) == FILES
     assert {e["fqn"]: e["shape"] for e in info["entries"]} == {k: list(v.shape) for k, v in state().items()}
+
+
+def _read_rows(directory, fqn, begin, end):
+    """Rows [begin, end) of a 2-D tensor of a Hugging Face directory, read as a resharded load reads them; the
+    bytes the reader's read() calls returned (/proc/self/io rchar)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    from dcp_filesystem._hf_export import _RegionPlanner
+
+    reader = HuggingFaceStorageReader(str(directory))
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    tensor = metadata.state_dict_metadata[fqn]
+    offsets, sizes = (begin, 0), (end - begin, tensor.size[1])
+    items = create_read_items_for_chunk_list(
+        fqn, tensor, [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))])
+    target = torch.zeros(sizes, dtype=tensor.properties.dtype)
+    before = _rchar()
+    reader.read_data(LoadPlan(items), _RegionPlanner({(fqn, offsets): target})).wait()
+    return target, _rchar() - before
+
+
+def _rchar():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.parametrize("how", ["writer", "export"])
+def test_block_checksums_let_a_load_read_part_of_a_tensor(tmp_path, how):
+    big = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(5))  # 4 MiB: 16 blocks of 256 KiB
+    sd = {"big": big, "small": torch.arange(3.0)}
+    if how == "writer":
+        dcp_save(sd, HuggingFaceStorageWriter(str(tmp_path / "hf")))
+    else:
+        from dcp_filesystem import FileSystemWriter
+
+        dcp_save(sd, FileSystemWriter(str(tmp_path / "ckpt")))
+        assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--no-sync"]) == 0
+    path = tmp_path / "hf" / "model-00001-of-00001.safetensors"
+    header, data_start = header_of(path)
+    blocks = json.loads(header["__metadata__"]["DCP_CRC32_BLOCKS"])
+    assert blocks["block_bytes"] == 256 << 10 and list(blocks["entries"]) == ["big"]  # "small" is one block
+    raw = path.read_bytes()
+    begin, end = header["big"]["data_offsets"]
+    entry = raw[data_start + begin : data_start + end]
+    assert blocks["entries"]["big"] == "".join(f"{zlib.crc32(entry[i : i + (256 << 10)]):08x}"
+                                               for i in range(0, len(entry), 256 << 10))
+
+    part, nbytes = _read_rows(tmp_path / "hf", "big", 512, 1024)
+    assert torch.equal(part, big[512:])
+    assert nbytes < 1.05 * big[512:].nbytes  # the rows asked for, in whole checked blocks: not the whole tensor
+
+    with open(path, "r+b") as f:  # damage a byte of the first half: the second half still loads
+        f.seek(data_start + begin + 300_000)
+        byte = f.read(1)
+        f.seek(data_start + begin + 300_000)
+        f.write(bytes([byte[0] ^ 1]))
+    assert torch.equal(_read_rows(tmp_path / "hf", "big", 512, 1024)[0], big[512:])
+    with pytest.raises(ValueError) as info:
+        _read_rows(tmp_path / "hf", "big", 0, 512)
+    assert str(info.value).startswith(f"{path}: item 'big' (chunk at [0, 0]): checksum mismatch in block 1 of its "
+                                      f"tensor (bytes [{data_start + begin + (256 << 10)}, ")

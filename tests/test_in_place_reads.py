@@ -6,7 +6,17 @@ import pytest
 import torch
 from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums
 
-from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, _crc, _parallel, _safetensors, reader
+from dcp_filesystem import (
+    FileSystem,
+    FileSystemReader,
+    FileSystemWriter,
+    _crc,
+    _data_file,
+    _item,
+    _parallel,
+    _safetensors,
+    _torch_save,
+)
 from dcp_filesystem._torch_save import archive_members
 
 BIG = (512, 1024)  # 2 MiB of float32: above the in-place threshold
@@ -32,15 +42,15 @@ def small_parts(monkeypatch):
 
 @pytest.fixture
 def decoded(monkeypatch):
-    """The fqns whose payload went through the whole-archive decoder."""
+    """The fqns whose payload was decoded in memory, then copied into the target (not read in place)."""
     seen = []
-    real = reader.FileSystemReader._decode_tensor
+    real = _item.Item.fill
 
-    def spy(self, data_file, req, *args):
-        seen.append(req.storage_index.fqn)
-        return real(self, data_file, req, *args)
+    def spy(self, target, tensor):
+        seen.append(self.req.storage_index.fqn)
+        return real(self, target, tensor)
 
-    monkeypatch.setattr(reader.FileSystemReader, "_decode_tensor", spy)
+    monkeypatch.setattr(_item.Item, "fill", spy)
     return seen
 
 
@@ -156,11 +166,11 @@ def test_parallel_crc_equals_zlib(monkeypatch):
     monkeypatch.setattr(_parallel, "_cores", lambda: 3)
     for size in (0, 999, 2000, 2001, 7777, 30011):
         data = memoryview(os.urandom(size))
-        assert _parallel.crc32(data) == zlib.crc32(data), size
+        assert _parallel.crc32_on_cores(data) == zlib.crc32(data), size
     # The cores are shared among jobs running at once: with 3 sharing, one part each.
     parts = []
     monkeypatch.setattr(_parallel, "run_in_threads", lambda tasks, name: parts.append(len(tasks)))
-    _parallel.crc32(memoryview(os.urandom(30011)), sharing=3)
+    _parallel.crc32_on_cores(memoryview(os.urandom(30011)), sharing=3)
     assert parts == []
 
 
@@ -291,13 +301,13 @@ def big_item_reads(monkeypatch):
     """(offset, length) of each read the reader makes, in order (every read of a data file goes through
     readinto_with_crc)."""
     seen = []
-    real_into = reader._DataFile.readinto_with_crc
+    real_into = _data_file.DataFile.readinto_with_crc
 
     def readinto_with_crc(self, offset, view, with_crc):
         seen.append((offset, len(view)))
         return real_into(self, offset, view, with_crc)
 
-    monkeypatch.setattr(reader._DataFile, "readinto_with_crc", readinto_with_crc)
+    monkeypatch.setattr(_data_file.DataFile, "readinto_with_crc", readinto_with_crc)
     return seen
 
 
@@ -315,7 +325,7 @@ def test_an_archive_is_read_front_to_back(tmp_path, big_item_reads, writer):
     assert_state_equal(state, out)
     end = info.offset + info.length
     reads = [(o, n) for o, n in big_item_reads if info.offset <= o < end]
-    head = [(info.offset, _safetensors.SNIFF_BYTES), (info.offset, reader._ARCHIVE_EDGE_BYTES)]  # its format, its head
+    head = [(info.offset, _safetensors.SNIFF_BYTES), (info.offset, _torch_save._ARCHIVE_EDGE_BYTES)]  # format, head
     assert reads == head + [(start, size), (start + size, end - start - size)]
 
 
@@ -334,5 +344,5 @@ def test_an_archive_whose_head_does_not_place_its_storage_is_read_by_its_edges(t
     assert_state_equal(state, out)
     end = info.offset + info.length
     reads = [(o, n) for o, n in big_item_reads if info.offset <= o < end]
-    edge = reader._ARCHIVE_EDGE_BYTES
+    edge = _torch_save._ARCHIVE_EDGE_BYTES
     assert reads == [(info.offset, _safetensors.SNIFF_BYTES), (info.offset, edge), (end - edge, edge), (start, size)]

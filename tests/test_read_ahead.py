@@ -6,7 +6,7 @@ import torch
 from helpers import assert_state_equal, dcp_load, dcp_save, strip_checksums, zeros_like_state
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, reader
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _data_file, _load_items
 
 RUN_BYTES = 100 << 10
 
@@ -21,14 +21,14 @@ def state():
 def reads(monkeypatch):
     """(offset, length) of every positional read of a data file, and runs capped at RUN_BYTES."""
     seen = []
-    real = reader.pread_into
+    real = _data_file.pread_into
 
     def spy(fd, offset, view, *args):
         seen.append((offset, len(view)))
         return real(fd, offset, view, *args)
 
-    monkeypatch.setattr(reader, "pread_into", spy)
-    monkeypatch.setattr(reader, "_RUN_BYTES", RUN_BYTES)
+    monkeypatch.setattr(_data_file, "pread_into", spy)
+    monkeypatch.setattr(_load_items, "_RUN_BYTES", RUN_BYTES)
     return seen
 
 
@@ -107,13 +107,13 @@ def test_items_from_a_run_fill_any_destination(tmp_path, monkeypatch, fmt):
     dcp_save(saved, FileSystemWriter(tmp_path, serialization_format=fmt))
     monkeypatch.setattr(_torch_save, "_templates", {})  # m.0's archive is the first of its layout
     copied_whole = []
-    real = reader._DataFile.copy_ahead
+    real = _data_file.DataFile.copy_ahead
 
     def copy_ahead(self, offset, length, address):
         copied_whole.append(address)
         real(self, offset, length, address)
 
-    monkeypatch.setattr(reader._DataFile, "copy_ahead", copy_ahead)
+    monkeypatch.setattr(_data_file.DataFile, "copy_ahead", copy_ahead)
     loaded = {}
     for i in range(40):
         if i % 3 == 0:

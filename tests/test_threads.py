@@ -6,7 +6,7 @@ import torch
 from conftest import REAL_BYTES_PER_THREAD
 from helpers import assert_state_equal, dcp_load, dcp_save, raised_error, zeros_like_state
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, _parallel, reader, writer
+from dcp_filesystem import FileSystemReader, FileSystemWriter, _data_file, _load_items, _parallel, _save_files, reader
 
 MiB = 1 << 20
 
@@ -27,7 +27,7 @@ def threads_started(monkeypatch):
         return real_run(tasks, name, stop)
 
     monkeypatch.setattr(_parallel, "run_in_threads", run_in_threads)  # for_each, the reader's
-    monkeypatch.setattr(writer, "run_in_threads", run_in_threads)
+    monkeypatch.setattr(_save_files, "run_in_threads", run_in_threads)
     return started
 
 
@@ -35,7 +35,7 @@ def threads_started(monkeypatch):
 def threads_used(monkeypatch):
     """The names of the threads that wrote data files and that read them."""
     used = {"write": set(), "read": set()}
-    real_write, real_open = writer._write_one_file, reader._DataFile.__init__
+    real_write, real_open = _save_files._write_one_file, _data_file.DataFile.__init__
 
     def write_one_file(*args):
         used["write"].add(threading.current_thread().name)
@@ -45,8 +45,8 @@ def threads_used(monkeypatch):
         used["read"].add(threading.current_thread().name)
         real_open(self, *args)
 
-    monkeypatch.setattr(writer, "_write_one_file", write_one_file)
-    monkeypatch.setattr(reader._DataFile, "__init__", open_data_file)
+    monkeypatch.setattr(_save_files, "_write_one_file", write_one_file)
+    monkeypatch.setattr(_data_file.DataFile, "__init__", open_data_file)
     return used
 
 
@@ -132,14 +132,14 @@ def two_cores(monkeypatch):
     monkeypatch.setattr(_parallel, "_PART_BYTES", 64 << 10)
     monkeypatch.setattr(reader._compat, "accelerator_started", lambda: False)
     seen = {"resolved": {}, "committed": [], "parts": [], "side_by_side": []}
-    real_range, real_for_each = _parallel._pread_range, reader.for_each
+    real_range, real_for_each = _parallel._pread_range, _load_items.for_each
 
     def for_each(items, work, threads, name):
         if name == "items":
-            seen["side_by_side"].append(([req.storage_index.fqn for req, _ in items], threads))
+            seen["side_by_side"].append(([item.req.storage_index.fqn for item in items], threads))
         real_for_each(items, work, threads, name)
 
-    monkeypatch.setattr(reader, "for_each", for_each)
+    monkeypatch.setattr(_load_items, "for_each", for_each)
 
     def pread_range(fd, offset, view, with_crc):
         seen["parts"].append((offset, len(view)))
