@@ -149,6 +149,18 @@ def test_sharding_info_and_checksums_that_are_not_what_they_say(tmp_path):
         )
     path.write_bytes(_header(entries, {"DCP_CRC32": "[]"}) + bytes(16))
     assert _error(tmp_path) == f"{path}: safetensors header's DCP_CRC32 is not a JSON object of CRC-32s: '[]'"
+    for blocks, shown in (({"block_bytes": 8, "entries": {"a": "00000000"}}, "'00000000'"),
+                          ({"block_bytes": 8, "entries": {"a": "0000000g00000000"}}, "'0000000g00000000'"),
+                          ({"block_bytes": 8, "entries": {"z": "0000000000000000"}}, "'0000000000000000'")):
+        path.write_bytes(_header(entries, {"DCP_CRC32_BLOCKS": json.dumps(blocks)}) + bytes(16))
+        key = next(iter(blocks["entries"]))
+        assert _error(tmp_path) == (
+            f"{path}: safetensors header's DCP_CRC32_BLOCKS has {shown} for {key!r}, which is no list of the "
+            "CRC-32s of its 8-byte blocks (8 hex digits each)"
+        )
+    path.write_bytes(_header(entries, {"DCP_CRC32_BLOCKS": json.dumps({"block_bytes": 0, "entries": {}})})
+                     + bytes(16))
+    assert _error(tmp_path).startswith(f"{path}: safetensors header's DCP_CRC32_BLOCKS has no positive block_bytes")
 
 
 def test_chunks_that_leave_a_hole_or_disagree(tmp_path):
