@@ -130,7 +130,13 @@ def _read_index(fs: FileSystemBase, directory: PathLike, local: Optional[str]) -
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path}: index file has no weight_map object (fqn -> file name)")
+    first_named_by: Dict[Any, str] = {}
     for fqn, name in weight_map.items():
+        if isinstance(name, str):
+            first_named_by.setdefault(name, fqn)
+        else:
+            check_storage_file(name, directory, local, f"{path}: weight_map entry {fqn!r}")
+    for name, fqn in first_named_by.items():  # each file once: a model names a few files thousands of times
         check_storage_file(name, directory, local, f"{path}: weight_map entry {fqn!r}")
     return weight_map
 

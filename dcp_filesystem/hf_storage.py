@@ -28,6 +28,7 @@ from torch.futures import Future
 from . import _cleanup, _compat, _safetensors, _save_lock
 from ._checksum import record_blocks, record_crc32, stored_blocks, stored_crc32
 from ._format import SerializationFormat, _StorageInfo
+from ._gc import gc_paused
 from ._hf_consolidate import consolidate_safetensors_files
 from ._hf_layout import INDEX_FILE_NAME, SHARDED_DIR_NAME, file_name, index_bytes, names, scan
 from .fs import PathLike, fsync_stream
@@ -246,6 +247,7 @@ class HuggingFaceStorageReader(FileSystemReader):
         """
         super().__init__(path=path, thread_count=thread_count)
 
+    @gc_paused()
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         try:
             tensors, _ = scan(self.fs, self.path)
