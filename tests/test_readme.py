@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import REPO, dcp_save, load_writes_back_values, run_clean_python, save_needs_process_group
 
-from dcp_filesystem import FileSystemWriter
+from dcp_filesystem import FileSystemWriter, _compat
 
 
 def readme_blocks():
@@ -503,7 +503,7 @@ def test_what_the_readme_says_stock_torch_reads_is_what_this_torch_reads(tmp_pat
     result = json.loads(out)
     assert result["TORCH_SAVE"] is True
     assert result["SAFETENSORS"] is not True, result  # it raised
-    if hasattr(torch.distributed.checkpoint.filesystem, "SerializationFormat"):  # 2.8+: stock's own fails too
+    if _compat.TorchSerializationFormat is not None:  # 2.8+: stock's own fails too
         import torch.distributed.checkpoint.filesystem as stock
         from helpers import dcp_load
 
