@@ -214,6 +214,7 @@ PINNED["SAFETENSORS"] = dict(PINNED["TORCH_SAVE"], scalar=8, small=80)
 COMMITTED = sorted(set(DEVICE_OF) - {"empty"})
 
 
+# The tests of these loads are marked slow: the fake device's process takes about 6 s.
 @pytest.fixture(scope="module")
 def fake_loads(tmp_path_factory):
     return run_on_fake_device(_SCRIPT, tmp_path_factory.mktemp("fakedev_reads"), tensors=True)
@@ -233,11 +234,13 @@ def _items(got):
     return items
 
 
+@pytest.mark.slow
 def test_the_fake_device_cannot_pin_by_itself(fake_loads):
     assert fake_loads["available_device_type"] == "fakedev"
     assert fake_loads["real_allocator"] == "None"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_values_bit_exact_on_two_devices(fake_loads, case):
     got = fake_loads[case]
@@ -248,6 +251,7 @@ def test_values_bit_exact_on_two_devices(fake_loads, case):
     assert got["violations"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_pinned_path_taken_for_whole_stored_tensors(fake_loads, case):
     got = fake_loads[case]
@@ -260,6 +264,7 @@ def test_pinned_path_taken_for_whole_stored_tensors(fake_loads, case):
     assert device_copies == [["fakedev:1", "fakedev:1", PINNED[fmt]["strided"]]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_every_copy_done_and_correct_before_commit(fake_loads, case):
     got = fake_loads[case]
@@ -270,6 +275,7 @@ def test_every_copy_done_and_correct_before_commit(fake_loads, case):
     assert all(s["pending"] == 0 for s in got["streams"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_buffers_bounded_and_reused(fake_loads, case):
     got = fake_loads[case]
@@ -294,6 +300,7 @@ def test_buffers_bounded_and_reused(fake_loads, case):
     assert len(copies) > 2 * threads  # so buffers were reused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_buffer_refilled_only_after_its_copy_ran(fake_loads, case):
     """Replays the log: when a pinned buffer is filled again, every copy out of it has run (its event waited)."""
@@ -324,6 +331,7 @@ def test_buffer_refilled_only_after_its_copy_ran(fake_loads, case):
     assert got["violations"] == []
 
 
+@pytest.mark.slow
 def test_streams_one_per_device_and_thread_and_ordered_after_current(fake_loads):
     for case in CASES:
         got = fake_loads[case]
@@ -354,6 +362,7 @@ def test_streams_one_per_device_and_thread_and_ordered_after_current(fake_loads)
         assert checked == len(PINNED[case.split("-")[0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["TORCH_SAVE", "SAFETENSORS"])
 def test_without_pinned_memory_the_decoded_tensor_is_copied(fake_loads, fmt):
     got = fake_loads[f"{fmt}-unpinned"]
@@ -363,6 +372,7 @@ def test_without_pinned_memory_the_decoded_tensor_is_copied(fake_loads, fmt):
     assert [e for e in got["log"] if e[0] in ("read_into", "copy_issued")] == []
 
 
+@pytest.mark.slow
 def test_flipped_byte_fails_the_crc_before_commit(fake_loads):
     got = fake_loads["crc"]
     item = f"{got['data_file']}: item 'big' (chunk at [0, 0])"
@@ -371,6 +381,7 @@ def test_flipped_byte_fails_the_crc_before_commit(fake_loads):
     assert all(s["pending"] == 0 for s in got["streams"])  # the copies were waited for, also on error
 
 
+@pytest.mark.slow
 def test_module_direct_empty_scalar_and_short_read(fake_loads):
     """read_into on its own: no work for 0 bytes; a 0-d target; a file that ends early (fewer bytes back)."""
     got = fake_loads["direct"]

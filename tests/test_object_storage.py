@@ -343,6 +343,7 @@ def saver():
     return context
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (a fork server) to start savers quickly")
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
 def test_a_save_killed_at_any_request_leaves_the_old_or_the_new_checkpoint(s3_server, bucket, saver, fmt):
