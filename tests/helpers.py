@@ -110,8 +110,8 @@ def save_needs_process_group() -> bool:
 
 
 def load_writes_back_values() -> bool:
-    """Whether dcp.load runs in one process and puts non-tensor values into the caller's dict (not on torch
-    2.1, which has no dcp.load, 2.2, whose needs a process group, nor 2.3: pytorch#125528)."""
+    """Whether dcp.load runs in one process and puts non-tensor values into the caller's dict: not on torch
+    2.1, which has no dcp.load, 2.2, whose dcp.load needs a process group, nor 2.3 (pytorch#125528)."""
     return _single_process_dcp_calls()[1] == "dcp.load"
 
 
