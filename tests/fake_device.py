@@ -5,7 +5,8 @@ its own: ``run(script, folder)`` runs a test's script there and returns what the
 ``report``; the script calls ``install()`` before anything else. Used by tests/test_loaders.py (the
 overlapping device-to-host loader) and tests/test_device_reads.py (loads through pinned buffers).
 
-What the device does, all of it recorded in ``log`` in call order (threads by ``threading.get_ident``):
+What the device does (``log`` records, in call order, each stream or event synchronized, each wait of
+one stream on another, each set_device and each copy issued; threads by ``threading.get_ident``):
 
 - ``Stream`` queues every non-blocking copy issued on it and runs it only when the stream is
   synchronized, another stream waits on it, or an ``Event`` recorded after it is synchronized. So a
