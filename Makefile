@@ -1,6 +1,7 @@
 # make demo        saves and loads a small GPT model and its AdamW state, every writer, bit-exact (creates .venv
 #                  with torch and the package's requirements only)
 # make test        the test suite on this machine's torch (creates .venv when absent, adds the test and S3 tools)
+# make test-fast   the same without the tests marked slow (each over about 5 s), a quicker check while working
 # make test-gpu    the CUDA tests (marker gpu), with the interpreter in $(GPU_PYTHON)
 # make test-matrix the suite on the CI spread of (torch, Python) cells, cached venvs outside the repo,
 #                  and checkpoints written on each cell read on the others
@@ -28,7 +29,7 @@ SCALE_BENCH_ARGS ?= --cold --results benchmarks/RESULTS.md
 REQUIRES := zlib-ng
 TEST_DEPS := pytest safetensors zstandard hypothesis numpy ruff build wheel "moto[server]" s3fs "s3torchconnector[dcp]"
 
-.PHONY: venv demo test test-gpu test-matrix test-matrix-all lint bench bench-scale
+.PHONY: venv demo test test-fast test-gpu test-matrix test-matrix-all lint bench bench-scale
 
 $(VENV)/.base:
 	python3 -m venv --system-site-packages $(VENV)
@@ -47,6 +48,9 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.ready
 	$(PYTHON) -m pytest -q tests
+
+test-fast: $(VENV)/.ready
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 test-gpu:
 	$(GPU_PYTHON) -m pytest -q -m gpu tests

@@ -405,6 +405,16 @@ def with_crc32s(header: bytes, crcs: Dict[str, int], blocks: Dict[str, bytes]) -
     return header[:8] + text + b" " * (len(header) - 8 - len(text))
 
 
+def write_crc32s(stream: IO[bytes], crcs: Dict[str, int], blocks: Dict[str, bytes]) -> None:
+    """Fill CRC-32s into the header (with room from crc32_room_for) at the start of ``stream``, a file opened for
+    reading and writing: see with_crc32s."""
+    stream.seek(0)
+    head = stream.read(8)
+    header = with_crc32s(head + stream.read(struct.unpack("<Q", head)[0]), crcs, blocks)
+    stream.seek(0)
+    stream.write(header)
+
+
 def _json_object(header: Header, key: str, where: str) -> Optional[Dict[str, Any]]:
     text = header.metadata.get(key)
     if text is None:

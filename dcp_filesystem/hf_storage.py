@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import struct
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -182,11 +181,7 @@ class HuggingFaceStorageWriter(FileSystemWriter):
             path = self.fs.local_path(self.fs.concat_path(self.path, name))
             try:
                 with open(path, "r+b") as f:
-                    head = f.read(8)
-                    header = head + f.read(struct.unpack("<Q", head)[0])
-                    header = _safetensors.with_crc32s(header, crcs, blocks)
-                    f.seek(0)
-                    f.write(header)
+                    _safetensors.write_crc32s(f, crcs, blocks)
                     if self.sync_files:
                         fsync_stream(f)
             except BaseException as e:

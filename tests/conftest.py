@@ -7,9 +7,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
-from helpers import HAS_ASYNC_SAVE, async_save_needs_process_group, one_rank_process_group  # noqa: E402
+from helpers import async_save_needs_process_group, one_rank_process_group  # noqa: E402
 
-from dcp_filesystem import _parallel  # noqa: E402
+from dcp_filesystem import _compat, _parallel  # noqa: E402
 
 REAL_BYTES_PER_THREAD = _parallel._BYTES_PER_THREAD
 
@@ -35,7 +35,7 @@ def bench():
 @pytest.fixture
 def async_save_group():
     """Where dcp.async_save runs: skipped without it, in a one-rank process group where torch demands one (2.3)."""
-    if not HAS_ASYNC_SAVE:
+    if not _compat.HAS_ASYNC_SAVE:
         pytest.skip("this torch has no torch.distributed.checkpoint.async_save")
     with one_rank_process_group() if async_save_needs_process_group() else contextlib.nullcontext():
         yield

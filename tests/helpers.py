@@ -1,7 +1,12 @@
 """Shared test helpers: DCP entry points on every torch, what stock torch does there, clean subprocesses.
 
-The probes below are the tests' one source of what the running torch's DCP does: each runs stock
-torch's own writer and reader once (cached) and reports the behaviour, never a version number.
+What the running torch has and does comes from dcp_filesystem/_compat.py wherever the package probes it
+(``HAS_DCP_SAVE``, ``HAS_ASYNC_SAVE``, ``TorchSerializationFormat``, ``torch_extension``,
+``STORAGE_INFO_HAS_TRANSFORMS``, ``METADATA_FIELDS``, ``StorageMeta``, ``BlockingAsyncStager``, and
+``single_process_dcp``: which calls save and load in one process): tests use that module. The probes
+below are only those the package has no use for, behaviour of stock torch that the tests alone ask
+about; each runs stock torch's own writer and reader once (cached) and reports the behaviour, never a
+version number.
 """
 from __future__ import annotations
 
@@ -22,14 +27,23 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as torch_fs
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
-HAS_DCP_SAVE = hasattr(dcp, "save")
-HAS_ASYNC_SAVE = hasattr(dcp, "async_save")
-SAVE_HAS_USE_COLLECTIVES = HAS_DCP_SAVE and "use_collectives" in inspect.signature(dcp.save).parameters
-STOCK_HAS_SERIALIZATION_FORMAT = hasattr(torch_fs, "SerializationFormat")  # torch 2.8+
-STOCK_HAS_EXTENSION = importlib.util.find_spec("torch.distributed.checkpoint._extension") is not None  # 2.7+
-# dcp.async_save stages through the writer (an AsyncStager) from torch 2.4; 2.3's copies to CPU itself.
-ASYNC_SAVE_STAGES_WITH_WRITER = importlib.util.find_spec("torch.distributed.checkpoint.staging") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _checkout_compat():
+    """This checkout's dcp_filesystem/_compat.py, loaded as a module of its own (``helpers_compat``): these
+    helpers also run where the package must not be importable (next to a vendored copy or an installed
+    wheel, in run_clean_python), and _compat imports nothing else of the package."""
+    spec = importlib.util.spec_from_file_location("helpers_compat", os.path.join(REPO, "dcp_filesystem", "_compat.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_compat = _checkout_compat()
+# Not probed by the package: whether stock dcp.save takes use_collectives (rank-local metadata, torch 2.9+).
+SAVE_HAS_USE_COLLECTIVES = _compat.HAS_DCP_SAVE and "use_collectives" in inspect.signature(dcp.save).parameters
 
 
 def _in_process_group() -> bool:
@@ -81,18 +95,24 @@ def _call(fn, quiet, *args, **kwargs):
 
 
 @_stock_probe
+def _single_process_dcp_calls() -> tuple:
+    """The DCP calls that save and load whole state dicts in one process without a process group, in
+    words (``_compat.single_process_dcp``): ("dcp.save" or "dcp.save_state_dict(no_dist=True)",
+    "dcp.load" or "dcp.load_state_dict(no_dist=True)")."""
+    with tempfile.TemporaryDirectory() as scratch:
+        save, load = _compat.single_process_dcp(scratch).calls.split("; ")
+    return save, load
+
+
 def save_needs_process_group() -> bool:
-    """torch 2.2's dcp.save exists but still needs a process group; 2.3+ runs without one."""
-    if not HAS_DCP_SAVE:
-        return True
-    with tempfile.TemporaryDirectory() as path:
-        try:
-            _quietly(dcp.save, {"x": torch.zeros(1)}, storage_writer=torch_fs.FileSystemWriter(path))
-        except (ValueError, RuntimeError) as e:
-            if "process group" not in str(e):
-                raise
-            return True
-    return False
+    """torch 2.1 has no dcp.save, torch 2.2's dcp.save still needs a process group; 2.3+ runs without one."""
+    return _single_process_dcp_calls()[0] != "dcp.save"
+
+
+def load_writes_back_values() -> bool:
+    """Whether dcp.load runs in one process and puts non-tensor values into the caller's dict: not on torch
+    2.1, which has no dcp.load, 2.2, whose dcp.load needs a process group, nor 2.3 (pytorch#125528)."""
+    return _single_process_dcp_calls()[1] == "dcp.load"
 
 
 @_stock_probe
@@ -110,7 +130,7 @@ def async_save_needs_process_group() -> bool:
 
 def _single_process_dcp() -> bool:
     """dcp.save/dcp.load can run here: they exist, and a process group is up or not needed."""
-    return HAS_DCP_SAVE and (_in_process_group() or not save_needs_process_group())
+    return _compat.HAS_DCP_SAVE and (_in_process_group() or not save_needs_process_group())
 
 
 def dcp_save(state_dict, storage_writer, quiet=True, **kwargs):
@@ -127,30 +147,6 @@ def _load(state_dict, storage_reader, use_dcp_load, **kwargs):
         return _quietly(dcp.load, state_dict, storage_reader=storage_reader, **kwargs)
     return _quietly(dcp.load_state_dict, state_dict, storage_reader=storage_reader,
                     no_dist=not _in_process_group(), **kwargs)
-
-
-@_stock_probe
-def load_writes_back_values() -> bool:
-    """Whether dcp.load puts non-tensor values into the caller's dict (not on torch 2.2/2.3: pytorch#125528).
-    Asked of dcp.load itself, in a child process: in a process group of one where its save needs one (2.2),
-    which the child leaves without destroying it (torch 2.2's gloo teardown now and then hangs for good)."""
-    if not HAS_DCP_SAVE:
-        return False
-    answer = run_clean_python(f"""
-        import os, tempfile
-        import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-        import torch.distributed.checkpoint.filesystem as torch_fs
-        from helpers import _quietly
-        if {save_needs_process_group()}:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        with tempfile.TemporaryDirectory() as path:
-            _quietly(dcp.save, {{"t": torch.ones(1), "step": 7}}, storage_writer=torch_fs.FileSystemWriter(path))
-            out = {{"t": torch.zeros(1), "step": None}}
-            _quietly(dcp.load, out, storage_reader=torch_fs.FileSystemReader(path))
-        print(out["step"] == 7, flush=True)
-        os._exit(0)
-    """, cwd=REPO)
-    return {"True\n": True, "False\n": False}[answer]
 
 
 def dcp_load(state_dict, storage_reader, **kwargs):
@@ -178,10 +174,9 @@ def load_passes_on_metadata_errors() -> bool:
 
 def probe_stock_torch() -> None:
     """Run every probe of stock torch now (in a worker, before it joins a process group)."""
-    save_needs_process_group()
-    load_writes_back_values()
+    _single_process_dcp_calls()
     load_passes_on_metadata_errors()
-    if HAS_ASYNC_SAVE:
+    if _compat.HAS_ASYNC_SAVE:
         async_save_needs_process_group()
 
 
@@ -242,13 +237,20 @@ def run_clean_python(code: str, cwd: str, env_extra=None, python: str = sys.exec
     return proc.stdout
 
 
-def save_rank_local(writer, state, rank):
-    """One rank's save without collectives, driven by hand: it writes ``__{rank}.metadata``."""
+def coordinator_save_planner(state, writer):
+    """A DefaultSavePlanner set up for ``state`` as the coordinator, given ``writer``'s storage_meta where its
+    set_up_planner takes one (torch 2.4+; not probed by the package, which never sets up a planner)."""
     planner = DefaultSavePlanner()
     if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
         planner.set_up_planner(state, storage_meta=writer.storage_meta(), is_coordinator=True)
     else:
         planner.set_up_planner(state, True)
+    return planner
+
+
+def save_rank_local(writer, state, rank):
+    """One rank's save without collectives, driven by hand: it writes ``__{rank}.metadata``."""
+    planner = coordinator_save_planner(state, writer)
     writer.set_up_storage_writer(True, rank=rank, use_collectives=False)
     local = writer.prepare_local_plan(planner.create_local_plan())
     plans, metadata = planner.create_global_plan([local])

@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import REPO, STOCK_HAS_EXTENSION, STOCK_HAS_SERIALIZATION_FORMAT, run_clean_python
+from helpers import REPO, run_clean_python
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 import dcp_filesystem
-from dcp_filesystem import _format, fs, loaders, reader, transforms, writer
+from dcp_filesystem import _compat, _format, fs, loaders, reader, transforms, writer
 
 # Every top-level name of seeds/000_530bcaa65fcc960d.txt (the 2.8-era backport's API listing),
 # with the module of this package that holds it (SPEC "Layout").
@@ -138,9 +138,9 @@ SEED_FUNCTIONS = {
         "serialization_format",
     ],
 }
-TORCH_HAS_FORMAT = STOCK_HAS_SERIALIZATION_FORMAT
-TORCH_HAS_EXTENSION = STOCK_HAS_EXTENSION
-TORCH_INFO_HAS_TRANSFORMS = "transform_descriptors" in {f.name for f in dataclasses.fields(torch_fs._StorageInfo)}
+TORCH_HAS_FORMAT = _compat.TorchSerializationFormat is not None
+TORCH_HAS_EXTENSION = _compat.torch_extension is not None
+TORCH_INFO_HAS_TRANSFORMS = _compat.STORAGE_INFO_HAS_TRANSFORMS
 
 
 def _obj(name):

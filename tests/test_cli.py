@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import io
 import json
@@ -18,10 +17,9 @@ import time
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import REPO, STOCK_HAS_SERIALIZATION_FORMAT, dcp_save, strip_checksums
-from torch.distributed.checkpoint.metadata import Metadata
+from helpers import REPO, dcp_save, strip_checksums
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _bench, _cli, _crc
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _bench, _cli, _compat, _crc
 from dcp_filesystem._torch_save import archive_members
 
 HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
@@ -30,7 +28,7 @@ FORMATS = [
     pytest.param(SerializationFormat.TORCH_SAVE, id="torch_save"),
     pytest.param(SerializationFormat.SAFETENSORS, id="safetensors", marks=needs_safetensors),
 ]
-DCP_VERSION = "1.0.0" if "version" in {f.name for f in dataclasses.fields(Metadata)} else "-"
+DCP_VERSION = "1.0.0" if "version" in _compat.METADATA_FIELDS else "-"
 
 
 def make_state():
@@ -152,7 +150,7 @@ def _zstd_writer(path):
     return FileSystemWriter(path, _extensions=[ZStandard()])
 
 
-HAS_STOCK_SAFETENSORS = STOCK_HAS_SERIALIZATION_FORMAT and HAS_SAFETENSORS
+HAS_STOCK_SAFETENSORS = _compat.TorchSerializationFormat is not None and HAS_SAFETENSORS
 HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 
 
@@ -406,7 +404,7 @@ EXPECTED_BENCH_ROWS = [
 def check_bench_json(report, size):
     rows = report["rows"]
     assert bench_rows(rows[:3]) == EXPECTED_BENCH_ROWS
-    if STOCK_HAS_SERIALIZATION_FORMAT:  # stock torch's reader may fail on its own SAFETENSORS checkpoints
+    if _compat.TorchSerializationFormat is not None:  # stock torch's reader may fail on its own SAFETENSORS checkpoints
         assert [(r["writer"], r["format"]) for r in rows[3:]] == [("torch (stock)", "SAFETENSORS")]
         assert rows[3]["bit_exact"] is (True if rows[3]["load_error"] is None else None)
     else:

@@ -69,6 +69,7 @@ def referenced_files(path):
     return {info.relative_path for info in md.storage_data.values()}
 
 
+@pytest.mark.slow
 @fork
 @pytest.mark.parametrize("thread_count", [1, 4])
 def test_killed_overwrite_loads_old_or_new_never_a_mix(tmp_path, thread_count):

@@ -71,6 +71,7 @@ def test_without_zlib_ng_a_vendored_copy_works_with_the_same_checksums_and_says_
     assert len(out["crcs"]) == 2 and all(isinstance(c, int) for c in out["crcs"])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_with_python_zlib_has_the_checksums_zlib_ng_records(tmp_path):
     pytest.importorskip("zlib_ng.zlib_ng", reason="zlib-ng is an install requirement")
     vendored(tmp_path)

@@ -4,15 +4,21 @@ Upstream's fsspec classes plug in the same way.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import warnings
-from contextlib import contextmanager
 
 import pytest
 import torch
-from fs_doubles import RecordingFS
+from fs_doubles import (
+    AppendOnlyMemoryFS,
+    ListingMemoryFS,
+    MemoryFS,
+    MemoryReader,
+    MemoryWriter,
+    RecordingFS,
+    RefusingMemoryFS,
+)
 from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 
 from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
@@ -52,75 +58,6 @@ def _contiguous(state):
     return state
 
 
-class MemoryFS(FileSystemBase):
-    """A dict of path -> bytes; streams are BytesIO, which has no file descriptor."""
-
-    def __init__(self):
-        self.files = {}
-        self.dirs = set()
-        self.calls = []
-
-    @contextmanager
-    def create_stream(self, path, mode):
-        key = str(path)
-        self.calls.append(("create_stream", key, mode))
-        if "w" in mode:
-            buf = io.BytesIO()
-            yield buf
-            self.files[key] = buf.getvalue()
-        elif "r" in mode:
-            if key not in self.files:
-                raise FileNotFoundError(key)
-            yield io.BytesIO(self.files[key])
-        else:
-            raise ValueError(mode)
-
-    def concat_path(self, path, suffix):
-        return str(path).rstrip("/") + "/" + suffix
-
-    def rename(self, path, new_path):
-        self.calls.append(("rename", str(path), str(new_path)))
-        self.files[str(new_path)] = self.files.pop(str(path))
-
-    def init_path(self, path):
-        return str(path)
-
-    def mkdir(self, path):
-        self.calls.append(("mkdir", str(path)))
-        self.dirs.add(str(path))
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return str(checkpoint_id).startswith("memory://")
-
-    def exists(self, path):
-        return str(path) in self.files or str(path) in self.dirs
-
-    def rm_file(self, path):
-        self.calls.append(("rm_file", str(path)))
-        del self.files[str(path)]
-
-    def ls(self, path):
-        prefix = str(path).rstrip("/") + "/"
-        return [k for k in self.files if k.startswith(prefix) and "/" not in k[len(prefix):]]
-
-
-class MemoryWriter(FileSystemWriter):
-    """The fsspec pattern: construct, then swap in the file system and re-derive the path."""
-
-    def __init__(self, path, fs, **kwargs):
-        super().__init__(path, **kwargs)
-        self.fs = fs
-        self.path = self.fs.init_path(path)
-
-
-class MemoryReader(FileSystemReader):
-    def __init__(self, path, fs):
-        super().__init__(path)
-        self.fs = fs
-        self.path = self.fs.init_path(path)
-
-
 def _raw_save(state, writer):
     """dcp save without the helper's warning suppression, so warnings reach pytest."""
     return dcp_save(state, writer, quiet=False)
@@ -130,7 +67,7 @@ def _raw_save(state, writer):
 @pytest.mark.parametrize("thread_count", [1, 3])
 def test_memory_fs_round_trip_touches_no_disk(tmp_path, monkeypatch, mode, thread_count):
     monkeypatch.chdir(tmp_path)
-    fs = MemoryFS()
+    fs = ListingMemoryFS()
     state = _state()
     dcp_save(state, MemoryWriter("memory://bucket/ckpt", fs, thread_count=thread_count, **_writer_options(mode)))
     assert os.listdir(tmp_path) == [], "the in-memory file system wrote to the local disk"
@@ -162,7 +99,7 @@ def test_memory_fs_round_trip_touches_no_disk(tmp_path, monkeypatch, mode, threa
 @pytest.mark.parametrize("mode", MODES)
 def test_memory_fs_assigned_after_construction(tmp_path, mode):
     """``writer.fs = MyFS()`` alone (path left as the writer made it) also routes all I/O through MyFS."""
-    fs = MemoryFS()
+    fs = ListingMemoryFS()
     ckpt = tmp_path / "ckpt"
     writer = FileSystemWriter(ckpt, **_writer_options(mode))
     writer.fs = fs
@@ -178,7 +115,7 @@ def test_memory_fs_assigned_after_construction(tmp_path, mode):
 
 
 def test_memory_fs_overwrite_keeps_names_in_metadata(tmp_path):
-    fs = MemoryFS()
+    fs = ListingMemoryFS()
     dcp_save({"a": torch.arange(4), "b": torch.ones(3)}, MemoryWriter("memory://c", fs, single_file_per_rank=False))
     dcp_save({"a": torch.arange(4) * 3}, MemoryWriter("memory://c", fs))
     md = pickle.loads(fs.files["memory://c/.metadata"])
@@ -223,7 +160,7 @@ def test_recording_fs_sees_all_io(tmp_path, mode):
 
 
 def test_stream_without_fileno_warns_under_sync_files():
-    fs = MemoryFS()
+    fs = ListingMemoryFS()
     with pytest.warns(UserWarning, match="no file descriptor") as record:
         _raw_save({"x": torch.arange(5)}, MemoryWriter("memory://w", fs, sync_files=True))
     messages = [str(w.message) for w in record if "no file descriptor" in str(w.message)]
@@ -235,7 +172,7 @@ def test_stream_without_fileno_warns_under_sync_files():
 
 
 def test_stream_without_fileno_no_warning_without_sync_files():
-    fs = MemoryFS()
+    fs = ListingMemoryFS()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _raw_save({"x": torch.arange(5)}, MemoryWriter("memory://w", fs, sync_files=False))
@@ -243,45 +180,9 @@ def test_stream_without_fileno_no_warning_without_sync_files():
     assert sorted(fs.files) == ["memory://w/.metadata", "memory://w/__0_0.distcp"]
 
 
-class _AppendOnly:
-    """A bare write stream (object store upload): write, tell, flush, close; no fileno, no seek."""
-
-    def __init__(self, sink):
-        self.sink = sink
-        self.closed = False
-
-    def write(self, b):
-        n = len(memoryview(b).cast("B"))
-        self.sink += bytes(memoryview(b).cast("B"))
-        return n
-
-    def tell(self):
-        return len(self.sink)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        self.closed = True
-
-
-class _AppendOnlyFS(MemoryFS):
-    @contextmanager
-    def create_stream(self, path, mode):
-        if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        self.calls.append(("create_stream", str(path), mode))
-        sink = bytearray()
-        stream = _AppendOnly(sink)
-        yield stream
-        self.files[str(path)] = bytes(sink)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_bare_write_stream_without_fileno(mode):
-    fs = _AppendOnlyFS()
+    fs = AppendOnlyMemoryFS()
     state = _state()
     with pytest.warns(UserWarning, match="no file descriptor"):
         _raw_save(state, MemoryWriter("memory://bare", fs, **_writer_options(mode)))
@@ -290,27 +191,8 @@ def test_bare_write_stream_without_fileno(mode):
     assert_state_equal(_contiguous(state), _contiguous(target))
 
 
-class BareMemoryFS(MemoryFS):
-    """Only upstream's abstract methods: every capability method keeps FileSystemBase's default."""
-
-    ls = FileSystemBase.ls
-
-    def sync_dir(self, path):
-        self.calls.append(("sync_dir", str(path)))
-
-
-class RefusingMemoryFS(BareMemoryFS):
-    """A rename that keeps an existing destination, as some file systems' do."""
-
-    def rename(self, path, new_path):
-        if str(new_path) in self.files:
-            self.calls.append(("rename refused", str(path), str(new_path)))
-            raise FileExistsError(str(new_path))
-        super().rename(path, new_path)
-
-
 def test_file_system_capabilities_have_object_store_defaults():
-    base = BareMemoryFS()
+    base = MemoryFS()
     assert (base.ls("memory://c"), base.local_path("memory://c")) == (None, None)
     assert FileSystemBase.sync_dir(base, "memory://c") is None
     assert FileSystem().local_path("/x/y") == "/x/y"
@@ -330,7 +212,7 @@ def _overwrite(fs, **options):
 def test_without_listing_the_replaced_metadata_names_the_files_to_remove():
     # Cannot list (an object store): the earlier .metadata is read before it is replaced, and the
     # data files it named are removed once the new one is in place; the rename replaces it in one step.
-    fs = BareMemoryFS()
+    fs = MemoryFS()
     first, calls = _overwrite(fs)
     (new_data,) = set(fs.files) - first
     assert sorted(fs.files) == ["memory://c/.metadata", new_data]
@@ -356,7 +238,7 @@ def test_a_rename_that_refuses_an_existing_file_removes_the_old_metadata_first()
 
 
 def test_a_listing_file_system_removes_what_the_listing_finds():
-    fs = MemoryFS()
+    fs = ListingMemoryFS()
     _overwrite(fs, single_file_per_rank=False)
     renames = [c for c in fs.calls if c[0] in ("rm_file", "rename")]
     # Replaced in one step: the old metadata is never removed first; the listing finds the stale file.

@@ -55,6 +55,7 @@ def test_mismatches_lists_differing_and_one_sided_paths(demo):
     assert demo.mismatches(expected, expected) == []
 
 
+@pytest.mark.slow
 def test_a_lossy_load_fails_the_demo(demo, monkeypatch, capsys):
     real_load = demo.load
 

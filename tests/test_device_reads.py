@@ -1,193 +1,28 @@
 """Loads into device tensors through pinned buffers (dcp_filesystem._device_reads), on a fake privateuse1 device.
 
-The fake device ("fakedev", two devices) is defined in Python, in a subprocess of its own (renaming
-privateuse1 is process-global): its tensors are wrapper subclasses holding a CPU tensor, its streams
-queue every non-blocking copy and run it only when an event recorded after it or the stream is
-synchronized, and the test supplies the pinned allocator it lacks. So a buffer refilled before the
-copy out of it ran, or a tensor committed before its copies ran, shows up as wrong bytes.
+The fake device (tests/fake_device.py: "fakedev", two devices, in a subprocess of its own) has tensors
+that hold a CPU tensor, and streams that queue every non-blocking copy and run it only when an event
+recorded after it or the stream is synchronized; the test supplies the pinned allocator it lacks. So a
+buffer refilled before the copy out of it ran, or a tensor committed before its copies ran, shows up as
+wrong bytes.
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 
 import pytest
 import torch
-from helpers import REPO, run_clean_python
-
-_HAS_PYTHON_DEVICE = (
-    hasattr(torch.utils, "rename_privateuse1_backend")
-    and hasattr(torch, "_register_device_module")
-    and hasattr(getattr(torch._C, "_acc", None), "register_python_privateuseone_device_guard")
-)
+from fake_device import run as run_on_fake_device
 
 _SCRIPT = r"""
-import contextlib, ctypes, json, os, sys, threading, types, zlib
-sys.path.insert(0, REPO)
-sys.path.insert(0, REPO + "/tests")
+import ctypes, os, threading, zlib
 import torch
-from torch.utils._pytree import tree_map
+import fake_device
+from fake_device import Event, FakeTensor, log, streams, violations
 
-torch.utils.rename_privateuse1_backend("fakedev")
-DEV = [torch.device("fakedev", 0), torch.device("fakedev", 1)]
-log = []           # what happened, in order: tuples, first item the kind
-violations = []    # copies whose source buffer changed between issue and run
-streams = []       # copy streams made (not the per-device current streams)
-lock = threading.RLock()
-tls = threading.local()
-
-
-class Stream:
-    device_type = "fakedev"
-
-    def __init__(self, device=None, name=None):
-        self.device = torch.device(device) if device is not None else DEV[0]
-        self.thread = threading.get_ident()
-        self.queue, self.issued, self.done = [], 0, 0
-        with lock:  # reader threads make their streams at the same time: names must stay unique
-            self.name = name or "copy%d@%d" % (len(streams), self.device.index)
-            if name is None:
-                streams.append(self)
-
-    def enqueue(self, op):
-        with lock:
-            self.queue.append(op)
-            self.issued += 1
-
-    def run_until(self, mark):
-        with lock:
-            while self.done < mark:
-                self.queue.pop(0)()
-                self.done += 1
-
-    def synchronize(self):
-        log.append(("stream_sync", self.name))
-        self.run_until(self.issued)
-
-    def wait_stream(self, other):
-        log.append(("wait_stream", self.name, other.name))
-        other.run_until(other.issued)
-
-
-CURRENT = [Stream(DEV[0], "current@0"), Stream(DEV[1], "current@1")]
-
-
-def ctx():
-    if not hasattr(tls, "stack"):
-        tls.stack = []
-    return tls.stack
-
-
-def current_stream(device=None):
-    index = 0 if device is None else torch.device(device).index
-    for s in reversed(ctx()):
-        if s.device.index == index:
-            return s
-    return CURRENT[index]
-
-
-@contextlib.contextmanager
-def stream(s):
-    ctx().append(s)
-    try:
-        yield
-    finally:
-        ctx().pop()
-
-
-class Event:
-    made = 0
-
-    def __init__(self):
-        Event.made += 1
-        self.stream, self.mark = None, 0
-
-    def record(self, stream=None):
-        self.stream = stream or current_stream()
-        self.mark = self.stream.issued
-
-    def synchronize(self):
-        log.append(("event_sync", self.stream.name, self.mark))
-        self.stream.run_until(self.mark)
-
-    def query(self):
-        return self.stream.done >= self.mark
-
-
-fake = types.ModuleType("fakedev")
-fake.is_available = lambda: True
-fake.device_count = lambda: 2
-fake.current_device = lambda: 0
-fake.Stream, fake.Event, fake.stream, fake.current_stream = Stream, Event, stream, current_stream
-torch._register_device_module("fakedev", fake)
-
-
-class Guard(torch._C._acc.DeviceGuard):
-    def type_(self):
-        return torch._C._autograd.DeviceType.PrivateUse1
-
-
-torch._C._acc.register_python_privateuseone_device_guard(Guard())
-
-
-class FT(torch.Tensor):
-    # A tensor on a fake device: its bytes live in the CPU tensor .inner.
-    @staticmethod
-    def __new__(cls, inner, device):
-        r = torch.Tensor._make_wrapper_subclass(
-            cls, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
-            dtype=inner.dtype, device=device, requires_grad=False)
-        r.inner = inner
-        return r
-
-    def __repr__(self):
-        return "FT(%s, %s, %s)" % (self.device, self.dtype, tuple(self.shape))
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        devices = set()
-
-        def unwrap(x):
-            if isinstance(x, FT):
-                devices.add(x.device)
-                return x.inner
-            return x
-
-        if func is torch.ops.aten.copy_.default:
-            dst, src = args[0], args[1]
-            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-            dst_inner, src_inner = unwrap(dst), unwrap(src)
-            if non_blocking:
-                s = current_stream(dst.device)
-                from_buffer = not isinstance(src, FT)
-                snapshot = src_inner.clone() if from_buffer else None
-                log.append(("copy_issued", s.name, str(s.device), str(dst.device), from_buffer,
-                            src_inner.data_ptr(), src_inner.numel() * src_inner.element_size(), threading.get_ident()))
-
-                def op():
-                    if snapshot is not None and not torch.equal(src_inner, snapshot):
-                        violations.append(("buffer changed before its copy ran", s.name))
-                    dst_inner.copy_(src_inner)
-                s.enqueue(op)
-            else:
-                dst_inner.copy_(src_inner)
-            return dst
-        a, k = tree_map(unwrap, args), tree_map(unwrap, kwargs)
-        k.pop("device", None)
-        k.pop("pin_memory", None)
-        out = func(*a, **k)
-        (device,) = devices
-        return tree_map(lambda x: FT(x, device) if isinstance(x, torch.Tensor) else x, out)
-
-
-# torch 2.5/2.6 answer Tensor.is_pinned() through C++ PrivateUse1 hooks, which this device lacks.
-try:
-    torch.zeros(1).is_pinned()
-except RuntimeError:
-    real_is_pinned = torch.Tensor.is_pinned
-    torch.Tensor.is_pinned = lambda self, *a, **k: False if self.device.type == "cpu" else real_is_pinned(self, *a, **k)
+fake_device.install()
+DEV, CURRENT = fake_device.DEVICES, fake_device.CURRENT
 
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -255,16 +90,16 @@ def raw(t):
 
 
 def targets():
-    view_base = FT(torch.zeros(605, 640), DEV[0])
-    strided_base = FT(torch.zeros(640, 1100, dtype=torch.bfloat16), DEV[1])
+    view_base = FakeTensor(torch.zeros(605, 640), DEV[0])
+    strided_base = FakeTensor(torch.zeros(640, 1100, dtype=torch.bfloat16), DEV[1])
     state = {
-        "big": FT(torch.zeros(512, 640), DEV[0]),
-        "bf16": FT(torch.zeros(700, 1000, dtype=torch.bfloat16), DEV[1]),
+        "big": FakeTensor(torch.zeros(512, 640), DEV[0]),
+        "bf16": FakeTensor(torch.zeros(700, 1000, dtype=torch.bfloat16), DEV[1]),
         "view": view_base.narrow(0, 3, 600),
         "strided": strided_base.narrow(1, 50, 1000),
-        "scalar": FT(torch.zeros((), dtype=torch.float64), DEV[1]),
-        "empty": FT(torch.empty(0, 3), DEV[0]),
-        "small": FT(torch.zeros(10, dtype=torch.int64), DEV[0]),
+        "scalar": FakeTensor(torch.zeros((), dtype=torch.float64), DEV[1]),
+        "empty": FakeTensor(torch.empty(0, 3), DEV[0]),
+        "small": FakeTensor(torch.zeros(10, dtype=torch.int64), DEV[0]),
         "step": None,
     }
     return state, view_base, strided_base
@@ -284,7 +119,7 @@ class RecordingPlanner(DefaultLoadPlanner):
 
 
 def summary(view_base, strided_base, state):
-    loaded = {k: (v.inner if isinstance(v, FT) else v) for k, v in state.items()}
+    loaded = {k: (v.inner if isinstance(v, FakeTensor) else v) for k, v in state.items()}
     return {
         "exact": {k: (torch.equal(raw(loaded[k]), raw(v)) and loaded[k].dtype == v.dtype
                       and loaded[k].shape == v.shape) if isinstance(v, torch.Tensor) else loaded[k] == v
@@ -349,9 +184,9 @@ def read(offset, view, with_crc):
     part = content[offset : offset + len(view)]
     view[: len(part)] = part
     return len(part), zlib.crc32(part) if with_crc else 0
-empty = FT(torch.empty(0, 3), DEV[1])
-scalar = FT(torch.zeros((), dtype=torch.float64), DEV[1])
-short = FT(torch.zeros(1000, dtype=torch.uint8), DEV[0])
+empty = FakeTensor(torch.empty(0, 3), DEV[1])
+scalar = FakeTensor(torch.zeros((), dtype=torch.float64), DEV[1])
+short = FakeTensor(torch.zeros(1000, dtype=torch.uint8), DEV[0])
 out["direct"] = {
     "empty": list(reads.read_into(empty, read, 0, 0, True)),
     "streams_after_empty": len(streams),
@@ -363,7 +198,7 @@ out["direct"] = {
     "pending": [s.issued - s.done for s in streams],
 }
 out["crc"]["data_file"] = data_file
-print("RESULT" + json.dumps(out))
+fake_device.report(out)
 """
 
 BUFFER = 64 << 10
@@ -379,16 +214,10 @@ PINNED["SAFETENSORS"] = dict(PINNED["TORCH_SAVE"], scalar=8, small=80)
 COMMITTED = sorted(set(DEVICE_OF) - {"empty"})
 
 
+# The tests of these loads are marked slow: the fake device's process takes about 6 s.
 @pytest.fixture(scope="module")
 def fake_loads(tmp_path_factory):
-    if not _HAS_PYTHON_DEVICE:
-        pytest.skip("this torch cannot register a device guard for a Python-defined privateuse1 device")
-    ckpt = tmp_path_factory.mktemp("fakedev_reads")
-    code = f"import os\nREPO = {REPO!r}\nCKPT = {str(ckpt)!r}\n" + _SCRIPT
-    # Hide any real CUDA device: CUDA would take precedence over the fake privateuse1 backend.
-    stdout = run_clean_python(code, cwd=str(ckpt), env_extra={"CUDA_VISIBLE_DEVICES": ""})
-    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")]
-    return json.loads(line[len("RESULT") :])
+    return run_on_fake_device(_SCRIPT, tmp_path_factory.mktemp("fakedev_reads"), tensors=True)
 
 
 CASES = [f"{fmt}-{threads}" for fmt in ("TORCH_SAVE", "SAFETENSORS") for threads in (1, 2)]
@@ -405,11 +234,13 @@ def _items(got):
     return items
 
 
+@pytest.mark.slow
 def test_the_fake_device_cannot_pin_by_itself(fake_loads):
     assert fake_loads["available_device_type"] == "fakedev"
     assert fake_loads["real_allocator"] == "None"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_values_bit_exact_on_two_devices(fake_loads, case):
     got = fake_loads[case]
@@ -420,6 +251,7 @@ def test_values_bit_exact_on_two_devices(fake_loads, case):
     assert got["violations"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_pinned_path_taken_for_whole_stored_tensors(fake_loads, case):
     got = fake_loads[case]
@@ -432,6 +264,7 @@ def test_pinned_path_taken_for_whole_stored_tensors(fake_loads, case):
     assert device_copies == [["fakedev:1", "fakedev:1", PINNED[fmt]["strided"]]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_every_copy_done_and_correct_before_commit(fake_loads, case):
     got = fake_loads[case]
@@ -442,6 +275,7 @@ def test_every_copy_done_and_correct_before_commit(fake_loads, case):
     assert all(s["pending"] == 0 for s in got["streams"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_buffers_bounded_and_reused(fake_loads, case):
     got = fake_loads[case]
@@ -466,6 +300,7 @@ def test_buffers_bounded_and_reused(fake_loads, case):
     assert len(copies) > 2 * threads  # so buffers were reused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_buffer_refilled_only_after_its_copy_ran(fake_loads, case):
     """Replays the log: when a pinned buffer is filled again, every copy out of it has run (its event waited)."""
@@ -496,6 +331,7 @@ def test_buffer_refilled_only_after_its_copy_ran(fake_loads, case):
     assert got["violations"] == []
 
 
+@pytest.mark.slow
 def test_streams_one_per_device_and_thread_and_ordered_after_current(fake_loads):
     for case in CASES:
         got = fake_loads[case]
@@ -526,6 +362,7 @@ def test_streams_one_per_device_and_thread_and_ordered_after_current(fake_loads)
         assert checked == len(PINNED[case.split("-")[0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["TORCH_SAVE", "SAFETENSORS"])
 def test_without_pinned_memory_the_decoded_tensor_is_copied(fake_loads, fmt):
     got = fake_loads[f"{fmt}-unpinned"]
@@ -535,6 +372,7 @@ def test_without_pinned_memory_the_decoded_tensor_is_copied(fake_loads, fmt):
     assert [e for e in got["log"] if e[0] in ("read_into", "copy_issued")] == []
 
 
+@pytest.mark.slow
 def test_flipped_byte_fails_the_crc_before_commit(fake_loads):
     got = fake_loads["crc"]
     item = f"{got['data_file']}: item 'big' (chunk at [0, 0])"
@@ -543,6 +381,7 @@ def test_flipped_byte_fails_the_crc_before_commit(fake_loads):
     assert all(s["pending"] == 0 for s in got["streams"])  # the copies were waited for, also on error
 
 
+@pytest.mark.slow
 def test_module_direct_empty_scalar_and_short_read(fake_loads):
     """read_into on its own: no work for 0 bytes; a 0-d target; a file that ends early (fewer bytes back)."""
     got = fake_loads["direct"]

@@ -236,6 +236,7 @@ def run_ranks(worker, out, world, extra_args=()):
     return results
 
 
+# The tests of a two-process run are marked slow: the run takes about 10 s.
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     if not HAS_DTENSOR:
@@ -249,6 +250,7 @@ def _metadata(path, name=".metadata"):
         return pickle.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_files_on_disk(two_ranks, fmt):
     out, results = two_ranks
@@ -274,6 +276,7 @@ def test_files_on_disk(two_ranks, fmt):
                 assert torch.equal(f.get_tensor("dt"), full_tensor()[4 * r : 4 * r + 4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_source_shards(two_ranks, fmt):
     _, results = two_ranks
@@ -281,6 +284,7 @@ def test_source_shards(two_ranks, fmt):
         assert_state_equal(full_tensor()[4 * r : 4 * r + 4], results[r][fmt + "/source_local"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_load_into_other_sharding(two_ranks, fmt):
     _, results = two_ranks
@@ -292,6 +296,7 @@ def test_load_into_other_sharding(two_ranks, fmt):
         assert got["epoch"] == 7 and got["tag"] == "run-a"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_load_into_plain_full_tensors(two_ranks, fmt):
     _, results = two_ranks
@@ -303,6 +308,7 @@ def test_load_into_plain_full_tensors(two_ranks, fmt):
         assert got["epoch"] == 7 and got["tag"] == "run-a"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_dtensor_of_another_global_size_is_refused(two_ranks, fmt):
     _, results = two_ranks
@@ -313,6 +319,7 @@ def test_a_dtensor_of_another_global_size_is_refused(two_ranks, fmt):
         assert torch.equal(results[r][fmt + "/bigger_local"], torch.full((8, 6), 5.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_two_rank_save_is_one_save_and_waits_for_no_other(two_ranks, fmt):
     out, results = two_ranks
@@ -326,6 +333,7 @@ def test_a_two_rank_save_is_one_save_and_waits_for_no_other(two_ranks, fmt):
     assert sorted(os.listdir(path)) == after and after[0] == ".metadata" and len(after) == 3, after
 
 
+@pytest.mark.slow
 def test_rank_local_metadata_through_dcp_save(two_ranks):
     if not SAVE_HAS_USE_COLLECTIVES:
         pytest.skip("this torch's dcp.save has no use_collectives argument")
@@ -514,6 +522,7 @@ def reclaiming_ranks(tmp_path_factory):
     return run_two_ranks(_RECLAIM_WORKER, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["torch_save", "safetensors", "safetensors_rank_local"])
 def test_each_rank_reclaims_only_its_own_leftovers_never_a_file_being_written(reclaiming_ranks, case):
     if case not in reclaiming_ranks[0]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import inspect
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from fs_doubles import LocalFS
-from helpers import assert_state_equal, dcp_load, dcp_save, raised_error, zeros_like_state
+from helpers import assert_state_equal, coordinator_save_planner, dcp_load, dcp_save, raised_error, zeros_like_state
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
@@ -436,11 +435,7 @@ def test_nothing_is_reclaimed_where_the_metadata_cannot_be_read(tmp_path, monkey
 
 def _write_without_commit(w, state):
     """write_data of a one-rank save, without finish (a save still running)."""
-    planner = DefaultSavePlanner()
-    if "storage_meta" in inspect.signature(planner.set_up_planner).parameters:
-        planner.set_up_planner(state, storage_meta=w.storage_meta(), is_coordinator=True)
-    else:
-        planner.set_up_planner(state, True)
+    planner = coordinator_save_planner(state, w)
     w.set_up_storage_writer(True)
     local = w.prepare_local_plan(planner.create_local_plan())
     plans, _ = planner.create_global_plan([local])

@@ -14,11 +14,12 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
+from fs_doubles import MemoryFS, MemoryReader, MemoryWriter
 from helpers import assert_state_equal, dcp_load, dcp_save
 from torch.distributed.checkpoint.planner import SavePlan
 
 import dcp_filesystem.fs as fs_module
-from dcp_filesystem import FileSystem, FileSystemBase, FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat
 
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
 
@@ -210,47 +211,6 @@ def test_no_sync_files_means_no_fsync(tmp_path, recorder):
 # --------------------------------------------------------------------------- streams without a file descriptor
 
 
-class _MemoryFileSystem(FileSystemBase):
-    """Keeps files in a dict; its streams are io.BytesIO, which have no file descriptor."""
-
-    def __init__(self):
-        self.files = {}
-
-    @contextmanager
-    def create_stream(self, path, mode):
-        key = str(path)
-        if mode == "wb":
-            stream = io.BytesIO()
-            yield stream
-            self.files[key] = stream.getvalue()
-        elif mode == "rb":
-            yield io.BytesIO(self.files[key])
-        else:
-            raise AssertionError(mode)
-
-    def concat_path(self, path, suffix):
-        return f"{path}/{suffix}"
-
-    def rename(self, path, new_path):
-        self.files[str(new_path)] = self.files.pop(str(path))
-
-    def init_path(self, path):
-        return str(path)
-
-    def mkdir(self, path):
-        pass
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id):
-        return True
-
-    def exists(self, path):
-        return str(path) in self.files
-
-    def rm_file(self, path):
-        del self.files[str(path)]
-
-
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
 def test_stream_without_fileno_warns_and_never_os_syncs(monkeypatch, fmt):
     def fail(*args):
@@ -258,10 +218,8 @@ def test_stream_without_fileno_warns_and_never_os_syncs(monkeypatch, fmt):
 
     monkeypatch.setattr(os, "sync", fail, raising=False)
     monkeypatch.setattr(os, "fsync", fail)
-    memfs = _MemoryFileSystem()
-    writer = FileSystemWriter("mem", thread_count=2, sync_files=True, serialization_format=fmt)
-    writer.fs = memfs
-    writer.path = "mem"
+    memfs = MemoryFS()
+    writer = MemoryWriter("mem", memfs, thread_count=2, sync_files=True, serialization_format=fmt)
     state = _state()
     caught = _save_with_warnings(state, writer)
     ours = [w for w in caught if "no file descriptor" in str(w.message)]
@@ -271,9 +229,7 @@ def test_stream_without_fileno_warns_and_never_os_syncs(monkeypatch, fmt):
         assert w.category is UserWarning
         assert "BytesIO" in str(w.message) and "sync_files=True" in str(w.message)
 
-    reader = FileSystemReader("mem")
-    reader.fs = memfs
-    reader.path = "mem"
+    reader = MemoryReader("mem", memfs)
     target = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else None) for k, v in state.items()}
     dcp_load(target, reader)
     assert_state_equal(_state(), target)

@@ -96,6 +96,7 @@ def _verify(path):
     return code, out.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", list(_variants()))
 def test_single_bit_flips_never_load_wrong_values(tmp_path, options):
     state = _state()

@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import STOCK_HAS_SERIALIZATION_FORMAT, assert_state_equal, dcp_load, dcp_save
+from helpers import assert_state_equal, dcp_load, dcp_save
 
 from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _cli, _compat, _safetensors
 from dcp_filesystem.transforms import ARCHIVE_RECORDS_BYTES, MAX_VALUE_BYTES
@@ -265,7 +265,7 @@ def test_safetensors_headers_must_tile_their_data_section():
         parse(header_file({"a": entry(0, 16, [4])}, 20))
 
 
-@pytest.mark.skipif(not STOCK_HAS_SERIALIZATION_FORMAT, reason="stock torch writes SAFETENSORS from 2.8 only")
+@pytest.mark.skipif(_compat.TorchSerializationFormat is None, reason="stock torch writes SAFETENSORS from 2.8 only")
 @pytest.mark.skipif(importlib.util.find_spec("safetensors") is None, reason="safetensors is not installed")
 def test_a_stock_safetensors_file_with_overlapping_entries_is_refused(tmp_path, capsys):
     path = tmp_path / "c"

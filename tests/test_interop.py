@@ -9,8 +9,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
 from helpers import (
-    STOCK_HAS_EXTENSION,
-    STOCK_HAS_SERIALIZATION_FORMAT,
     assert_state_equal,
     contiguous_state,
     dcp_load,
@@ -19,10 +17,10 @@ from helpers import (
     zeros_like_state,
 )
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat
 
-HAS_EXTENSION = STOCK_HAS_EXTENSION
-HAS_SERIALIZATION_FORMAT = STOCK_HAS_SERIALIZATION_FORMAT
+HAS_EXTENSION = _compat.torch_extension is not None
+HAS_SERIALIZATION_FORMAT = _compat.TorchSerializationFormat is not None
 needs_extension = pytest.mark.skipif(
     not HAS_EXTENSION, reason="this torch has no torch.distributed.checkpoint._extension (ZStandard)"
 )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
-from helpers import REPO, assert_state_equal, dcp_load, run_clean_python
+from fake_device import run as run_on_fake_device
+from helpers import assert_state_equal, dcp_load
 
 from dcp_filesystem import FileSystemReader
 from dcp_filesystem.loaders import _OverlappingCpuLoader, _SerialCpuLoader
@@ -82,88 +82,25 @@ def test_overlapping_loader_without_accelerator_raises():
 
 # --------------------------------------------------------------------------- fake privateuse1 device
 
-_HAS_PRIVATEUSE1_HOOKS = (
-    hasattr(torch.utils, "rename_privateuse1_backend")
-    and hasattr(torch, "_register_device_module")
-    and hasattr(torch._C, "_get_privateuse1_backend_name")
-)
-
-# Runs in its own interpreter: renaming privateuse1 is process-global and cannot be undone.
+# Runs in the fake device's own interpreter (tests/fake_device.py); this process works on device 1.
 _FAKE_DEVICE_SCRIPT = r"""
-import contextlib, json, sys, threading, types
-sys.path.insert(0, REPO)
-sys.path.insert(0, REPO + "/tests")
+import os, threading
 import torch
+import fake_device
+from fake_device import CURRENT, Stream, log, streams
 
-events = []          # (kind, ...) in call order
-streams_made = []    # Stream() constructions after setup
-state = {"loader": None, "ctx": []}
+fake_device.install(caller_device=1)
+state = {"loader": None}
 
-class Stream:
-    device_type = "fakedev"
-    counting = False
 
-    def __init__(self, name=None):
-        self.name = name or "stream%d" % len(streams_made)
-        self.thread = threading.current_thread().name
-        if Stream.counting:
-            streams_made.append(self)
+def synchronize(stream):
+    # Noted with the bytes the loader under test has in flight when it waits.
+    loader = state["loader"]
+    log.append(("sync", stream.name, loader.in_flight_data if loader is not None else None))
+    stream.run_until(stream.issued)
 
-    def synchronize(self):
-        loader = state["loader"]
-        events.append(("sync", self.name, loader.in_flight_data if loader is not None else None))
 
-    def wait_stream(self, other):
-        events.append(("wait_stream", self.name, other.name))
-
-    def __eq__(self, other):
-        return self is other
-
-    def __ne__(self, other):
-        return self is not other
-
-    def __hash__(self):
-        return id(self)
-
-CURRENT = Stream("current")
-Stream.counting = True
-counters = {"current_stream": 0, "stream_ctx": 0}
-
-def current_stream(device=None):
-    counters["current_stream"] += 1
-    return CURRENT
-
-@contextlib.contextmanager
-def stream(s):
-    counters["stream_ctx"] += 1
-    state["ctx"].append(s)
-    try:
-        yield
-    finally:
-        state["ctx"].pop()
-
-fake = types.ModuleType("fakedev")
-fake.is_available = lambda: True
-fake.current_stream = current_stream
-fake.Stream = Stream
-fake.stream = stream
-fake.device_count = lambda: 1
-fake.current_device = lambda: 1  # the caller works on device 1
-fake.set_device = lambda index: events.append(("set_device", threading.current_thread().name, index))
-
-torch.utils.rename_privateuse1_backend("fakedev")
-torch._register_device_module("fakedev", fake)
-
-# torch 2.5 and 2.6 answer Tensor.is_pinned() (which stock DCP's planner asks of every tensor)
-# through the PrivateUse1 hooks interface, which only C++ can register there; 2.7+ need none.
-try:
-    torch.zeros(1).is_pinned()
-    out_pinned = None
-except RuntimeError as e:
-    out_pinned = str(e)
-    real_is_pinned = torch.Tensor.is_pinned
-    # Nothing here is pinned: the fake device has no host allocator.
-    torch.Tensor.is_pinned = lambda self, *a, **k: False if self.device.type == "cpu" else real_is_pinned(self, *a, **k)
+Stream.synchronize = synchronize
 
 import dcp_filesystem
 from dcp_filesystem import FileSystemWriter, _compat, _parallel
@@ -171,15 +108,15 @@ from dcp_filesystem import loaders as L
 from helpers import dcp_save
 
 _parallel._BYTES_PER_THREAD = 1  # these few small tensors still get every thread asked for
-out = {"available_device_type": _compat.available_device_type(), "is_pinned_error": out_pinned}
+out = {"available_device_type": _compat.available_device_type(), "is_pinned_error": fake_device.is_pinned_error}
 
 # ---- 1. one loader, sizes 5,1,4,2,3 bytes added in that order, threshold 6
 def run_loader(sizes, threshold, stream_arg=None):
-    del events[:]
+    del log[:]
     tensors = {n: torch.full((n,), n, dtype=torch.uint8) for n in sizes}
     def resolve(n):
-        ctx = state["ctx"]
-        events.append(("resolve", n, ctx[-1].name if ctx else None))
+        entered = fake_device.innermost_stream()
+        log.append(("resolve", n, entered.name if entered is not None else None))
         return tensors[n]
     loader = L._OverlappingCpuLoader(resolve, stream=stream_arg, inflight_threshhold=threshold)
     state["loader"] = loader
@@ -194,22 +131,21 @@ def run_loader(sizes, threshold, stream_arg=None):
     max_inflight = loader.in_flight_data
     for t, obj in loader.values():
         max_inflight = max(max_inflight, loader.in_flight_data)
-        events.append(("yield", obj, t.tolist(), t.data_ptr() == tensors[obj].data_ptr()))
+        log.append(("yield", obj, t.tolist(), t.data_ptr() == tensors[obj].data_ptr()))
     state["loader"] = None
     return {
-        "events": [list(e) for e in events],
+        "events": [list(e) for e in log],
         "add_error": add_error,
         "max_inflight": max_inflight,
         "stream": loader.stream.name,
         "device_type": loader.device_type,
-        "started_with_current": loader.stream is CURRENT,
+        "started_with_current": loader.stream is CURRENT[1],
     }
 
 out["bounded"] = run_loader([5, 1, 4, 2, 3], 6)
 out["unbounded"] = run_loader([5, 1, 4, 2, 3], 100)
-own = Stream("own")
+own = Stream(name="own")
 out["own_stream"] = run_loader([3, 1, 2], 2, stream_arg=own)
-del streams_made[:]
 
 # ---- 2. full saves through the writer
 loaders_made = []
@@ -217,10 +153,10 @@ orig_init = L._OverlappingCpuLoader.__init__
 def recording_init(self, resolve_fun, stream=None, inflight_threshhold=1_000_000):
     orig_init(self, resolve_fun, stream=stream, inflight_threshhold=inflight_threshhold)
     loaders_made.append({
-        "thread": threading.current_thread().name,
+        "thread": threading.get_ident(),
         "stream_arg": None if stream is None else id(stream),
         "stream": id(self.stream),
-        "is_current": self.stream is CURRENT,
+        "is_current": self.stream is CURRENT[1],
         "threshold": inflight_threshhold,
     })
 L._OverlappingCpuLoader.__init__ = recording_init
@@ -236,21 +172,19 @@ def state_dict():
     }
 
 for threads in (1, 3):
-    del streams_made[:], loaders_made[:]
-    del events[:]
-    counters["current_stream"] = 0
+    del streams[:], loaders_made[:], log[:]
     path = CKPT + "/t%d" % threads
     dcp_save(state_dict(), FileSystemWriter(path, thread_count=threads, per_thread_copy_ahead=1000))
     out["save%d" % threads] = {
-        "streams": [{"id": id(s), "thread": s.thread} for s in streams_made],
+        "streams": [{"id": id(s), "thread": s.thread} for s in streams],
         "loaders": loaders_made[:],
-        "wait_stream": [list(e) for e in events if e[0] == "wait_stream"],
-        "set_device": [list(e[1:]) for e in events if e[0] == "set_device"],
-        "main_thread": threading.current_thread().name,
-        "syncs": len([e for e in events if e[0] == "sync"]),
+        "wait_stream": [list(e) for e in log if e[0] == "wait_stream"],
+        "set_device": [list(e[1:]) for e in log if e[0] == "set_device"],
+        "main_thread": threading.get_ident(),
+        "syncs": len([e for e in log if e[0] == "sync"]),
         "files": sorted(os.listdir(path)),
     }
-print("RESULT" + json.dumps(out))
+fake_device.report(out)
 """
 
 
@@ -259,20 +193,14 @@ IS_PINNED_NEEDS_HOOKS = "Please register PrivateUse1HooksInterface by `RegisterP
 
 @pytest.fixture(scope="module")
 def fake_device(tmp_path_factory):
-    if not _HAS_PRIVATEUSE1_HOOKS:
-        pytest.skip("this torch lacks rename_privateuse1_backend / _register_device_module")
     ckpt = tmp_path_factory.mktemp("fakedev")
-    code = f"import os\nREPO = {REPO!r}\nCKPT = {str(ckpt)!r}\n" + _FAKE_DEVICE_SCRIPT
-    # Hide any real CUDA device: CUDA would take precedence over the fake privateuse1 backend.
-    stdout = run_clean_python(code, cwd=str(ckpt), env_extra={"CUDA_VISIBLE_DEVICES": ""})
-    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")]
-    return json.loads(line[len("RESULT") :]), ckpt
+    return run_on_fake_device(_FAKE_DEVICE_SCRIPT, ckpt), ckpt
 
 
 def test_fake_device_is_the_available_device(fake_device):
     out, _ = fake_device
     assert out["available_device_type"] == "fakedev"
-    # Where torch demands a C++ PrivateUse1 hooks interface for is_pinned(), the script stands in for it.
+    # Where torch demands a C++ PrivateUse1 hooks interface for is_pinned(), the fake device stands in for it.
     assert out["is_pinned_error"] in (None, IS_PINNED_NEEDS_HOOKS)
     assert out["bounded"]["device_type"] == "fakedev"
     assert out["bounded"]["started_with_current"] is True
@@ -286,7 +214,7 @@ def test_overlapping_loader_exact_sync_schedule(fake_device):
     end: items left -> sync once; yield 4, 5.  Three syncs in all.
     """
     got = fake_device[0]["bounded"]
-    s = "current"
+    s = "current@1"
     expected = [
         ["resolve", 1, s], ["resolve", 2, s], ["resolve", 3, s],
         ["sync", s, 6], ["resolve", 4, s],
@@ -306,7 +234,7 @@ def test_overlapping_loader_exact_sync_schedule(fake_device):
 
 def test_overlapping_loader_syncs_once_when_bound_never_reached(fake_device):
     got = fake_device[0]["unbounded"]
-    s = "current"
+    s = "current@1"
     resolves = [["resolve", n, s] for n in (1, 2, 3, 4, 5)]
     yields = [["yield", n, [n] * n, True] for n in (1, 2, 3, 4, 5)]
     assert got["events"] == resolves + [["sync", s, 15]] + yields
@@ -319,7 +247,7 @@ def test_overlapping_loader_own_stream_waits_on_current(fake_device):
     o = "own"
     assert got["stream"] == "own" and got["started_with_current"] is False
     expected = [
-        ["wait_stream", o, "current"],
+        ["wait_stream", o, "current@1"],
         ["resolve", 1, o], ["resolve", 2, o],  # in flight 3 >= 2
         ["sync", o, 3], ["resolve", 3, o],  # pop 1 (in flight 2 >= 2), pop 2 (0); refill 3 (3)
         ["yield", 1, [1], True], ["yield", 2, [2, 2], True],
@@ -378,7 +306,7 @@ def test_writer_three_threads_each_own_stream(fake_device):
         assert loader["threshold"] == 1000
     # Every thread's stream waited on the caller's current stream once per loader.
     assert len(got["wait_stream"]) == 3
-    assert all(w[2] == "current" for w in got["wait_stream"])
+    assert all(w[2] == "current@1" for w in got["wait_stream"])
     # The two worker threads moved to the caller's device before making their streams.
     workers = set(stream_of_thread) - {got["main_thread"]}
     assert sorted(got["set_device"]) == sorted([thread, 1] for thread in workers) and len(workers) == 2

@@ -18,7 +18,7 @@ import torch
 from helpers import assert_state_equal, dcp_load, dcp_save, zeros_like_state
 
 import dcp_filesystem
-from dcp_filesystem import SerializationFormat
+from dcp_filesystem import SerializationFormat, _compat
 
 pytest.importorskip("moto.server", reason="needs moto[server] (the test extra) for a local S3 server")
 pytest.importorskip("boto3", reason="needs boto3 (with moto) to create buckets")
@@ -26,7 +26,7 @@ from s3_server import S3Server  # noqa: E402
 
 REGION = "us-east-1"
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
-STOCK_HAS_SAFETENSORS = hasattr(torch.distributed.checkpoint.filesystem, "SerializationFormat")  # torch 2.8+
+STOCK_HAS_SAFETENSORS = _compat.TorchSerializationFormat is not None  # torch 2.8+
 
 
 def _connector():
@@ -343,6 +343,7 @@ def saver():
     return context
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (a fork server) to start savers quickly")
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
 def test_a_save_killed_at_any_request_leaves_the_old_or_the_new_checkpoint(s3_server, bucket, saver, fmt):

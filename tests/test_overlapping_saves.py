@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import HAS_ASYNC_SAVE, async_save_needs_process_group, dcp_load, dcp_save, one_rank_process_group
+from helpers import async_save_needs_process_group, dcp_load, dcp_save, one_rank_process_group
 
-from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat, _save_lock
+from dcp_filesystem import FileSystem, FileSystemReader, FileSystemWriter, SerializationFormat, _compat, _save_lock
 
 FORMATS = [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS]
 BUSY = "another save into it is in progress"
@@ -246,7 +246,7 @@ def test_saves_started_together_in_processes(tmp_path, fmt):
 
 
 def test_async_save_overlapping_a_blocking_save(tmp_path):
-    if not HAS_ASYNC_SAVE:
+    if not _compat.HAS_ASYNC_SAVE:
         pytest.skip("this torch has no torch.distributed.checkpoint.async_save")
     path = tmp_path / "c"
     dcp_save(state_of(1), FileSystemWriter(path))

@@ -118,6 +118,7 @@ def test_the_index_page_description_has_no_image_or_link_into_the_source_tree():
     ).replace(re.search(r"`benchmarks/RESULTS.md\s+<benchmarks/RESULTS.md>`_", readme).group(0), "")
 
 
+@pytest.mark.slow
 def test_wheel_in_a_fresh_venv_runs_the_cli_and_round_trips(clone, dist, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -210,6 +211,7 @@ def test_make_demo_installs_the_packages_requirements():
     assert requires == ["torch>=2.1"] + make_requires == ["torch>=2.1", "zlib-ng"]
 
 
+@pytest.mark.slow
 def test_demo_from_the_clone_is_bit_exact_and_verified(clone):
     assert os.path.isfile(os.path.join(clone, "examples", "demo.py")), "examples/demo.py is not committed"
     proc = subprocess.run(

@@ -4,17 +4,19 @@ import os
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
-from helpers import (
-    STOCK_HAS_SERIALIZATION_FORMAT,
-    _strip_storage_info_field,
-    dcp_save,
-    raised_error,
-    strip_checksums,
-)
+from helpers import _strip_storage_info_field, dcp_save, raised_error, strip_checksums
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _checksum, _data_file, _partial
+from dcp_filesystem import (
+    FileSystemReader,
+    FileSystemWriter,
+    SerializationFormat,
+    _checksum,
+    _compat,
+    _data_file,
+    _partial,
+)
 
 BLOCK = _checksum.BLOCK_BYTES
 # (storage_offsets, lengths) of a [512, 1024] float32 tensor (4 KiB rows, 2 MiB): leading-dim slices, an
@@ -28,7 +30,7 @@ WRITERS = ["ours-torch_save", "ours-safetensors", "stock-torch_save", "stock-saf
 def _writer(kind, path):
     impl, fmt = kind.split("-")
     if impl == "stock":
-        if fmt == "safetensors" and not STOCK_HAS_SERIALIZATION_FORMAT:
+        if fmt == "safetensors" and _compat.TorchSerializationFormat is None:
             pytest.skip("this torch's FileSystemWriter has no serialization_format (SAFETENSORS: torch 2.8+)")
         kwargs = {"serialization_format": torch_fs.SerializationFormat.SAFETENSORS} if fmt == "safetensors" else {}
         return torch_fs.FileSystemWriter(path, **kwargs)

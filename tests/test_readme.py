@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import REPO, dcp_save, load_writes_back_values, run_clean_python, save_needs_process_group
 
-from dcp_filesystem import FileSystemWriter
+from dcp_filesystem import FileSystemWriter, _compat
 
 
 def readme_blocks():
@@ -132,6 +132,7 @@ def synopsis_commands(path):
             yield words
 
 
+@pytest.mark.slow
 def test_command_line_synopsis_runs(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     dcp_save({"w": torch.ones(3), "step": 1}, FileSystemWriter(ckpt))
@@ -164,6 +165,7 @@ def s3_env():
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["s3torchconnector", "fsspec"])
 def test_object_storage_recipes_run_as_written(tmp_path, s3_env, recipe):
     skip_unless_dcp_save_runs_single_process(f"the {recipe} recipe")
@@ -449,6 +451,18 @@ def test_the_per_version_notes_come_before_the_benchmark_and_the_long_sections()
         "- Python 3.9"]
 
 
+def test_every_pytest_marker_is_in_the_tests_section_with_the_make_target_that_selects_it():
+    with open(os.path.join(REPO, "setup.cfg"), encoding="utf-8") as f:
+        registered = re.search(r"^markers =\n((?:    .*\n)+)", f.read(), re.M).group(1)
+    assert [line.split(":")[0].strip() for line in registered.splitlines()] == ["gpu", "slow"]
+    text = read_readme()
+    section = " ".join(" ".join(text.splitlines()[section_line(text, "Tests") :]).split())
+    for marker, target, selection in [("gpu", "test-gpu", "-m gpu"), ("slow", "test-fast", '-m "not slow"')]:
+        assert f"- ``make {target}``: " in section and f"(marker ``{marker}``" in section, marker
+        made = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        assert made.splitlines()[-1].endswith(f" -m pytest -q {selection} tests"), made
+
+
 def test_the_readme_names_the_version_of_the_package():
     import dcp_filesystem
 
@@ -505,7 +519,7 @@ def test_what_the_readme_says_stock_torch_reads_is_what_this_torch_reads(tmp_pat
     result = json.loads(out)
     assert result["TORCH_SAVE"] is True
     assert result["SAFETENSORS"] is not True, result  # it raised
-    if hasattr(torch.distributed.checkpoint.filesystem, "SerializationFormat"):  # 2.8+: stock's own fails too
+    if _compat.TorchSerializationFormat is not None:  # 2.8+: stock's own fails too
         import torch.distributed.checkpoint.filesystem as stock
         from helpers import dcp_load
 

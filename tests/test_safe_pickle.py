@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as torch_fs
 from helpers import (
-    STOCK_HAS_SERIALIZATION_FORMAT,
     assert_state_equal,
     dcp_load,
     dcp_save,
@@ -26,10 +25,10 @@ from helpers import (
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _safe_pickle
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat, _safe_pickle
 from dcp_filesystem import add_safe_metadata_globals as allow
 
-HAS_STOCK_FORMATS = STOCK_HAS_SERIALIZATION_FORMAT
+HAS_STOCK_FORMATS = _compat.TorchSerializationFormat is not None
 HAS_SAFETENSORS_LIB = importlib.util.find_spec("safetensors") is not None
 
 
@@ -406,7 +405,7 @@ def test_newer_storage_meta_is_read_on_every_torch(tmp_path, monkeypatch):
     path = tmp_path / "c"
     state = save(path)
     metadata = plain_metadata(path)
-    has_class = hasattr(meta, "StorageMeta")
+    has_class = _compat.StorageMeta is not None
     if not has_class:
         # Pickle it the way a newer torch does: a class found under that module and name.
         stand_in = type("StorageMeta", (), {"__module__": meta.__name__, "__qualname__": "StorageMeta"})

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
-from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat
+from dcp_filesystem import FileSystemReader, FileSystemWriter, SerializationFormat, _compat
 from dcp_filesystem._safetensors import DTYPES as SAFETENSORS_DTYPES
 
 SAFETENSORS = SerializationFormat.SAFETENSORS
@@ -290,7 +290,7 @@ def test_safetensors_package_is_never_imported(tmp_path):
     assert out.strip() == "ok"
 
 
-stock_format = getattr(torch.distributed.checkpoint.filesystem, "SerializationFormat", None)
+stock_format = _compat.TorchSerializationFormat
 
 
 @pytest.mark.skipif(stock_format is None, reason="this torch's FileSystemWriter has no SAFETENSORS format")
