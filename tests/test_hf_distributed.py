@@ -15,6 +15,7 @@ from test_distributed import HAS_DTENSOR, run_ranks
 from dcp_filesystem._cli import main
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
+pytestmark = pytest.mark.slow  # three runs of 1, 2 and 3 processes: about 20-60 s
 
 _WORKER = r"""
 import inspect, os, sys, warnings

@@ -128,6 +128,7 @@ def test_a_damaged_checkpoint_leaves_nothing_behind(tmp_path, capsys):
     assert os.listdir(tmp_path / "hf") == []
 
 
+@pytest.mark.slow
 def test_export_memory_stays_near_one_batch(tmp_path):
     """A 192 MiB checkpoint of 32 MiB tensors, exported by a fresh process: its peak RSS grows by less than
     three batches of 64 MiB (two are held: one written while the next is read)."""
