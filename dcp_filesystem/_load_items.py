@@ -42,16 +42,16 @@ _LARGE_ITEM_BYTES = 1 << 20
 def advise(
     fs: FileSystemBase, path: PathLike, reqs: List[ReadItem], storage_data: Dict[Any, Any], tensors: Dict[str, Any]
 ) -> None:
-    """Ask the OS to start reading the byte ranges of local data files that ``reqs`` will read: whole items, and
-    the parts a load reads of this package's SAFETENSORS entries (the metadata alone places them). Best effort:
-    any trouble is left for ``read_data`` to meet and report."""
+    """Ask the OS to start reading the byte ranges of local data files that ``reqs`` will read: whole items of
+    64 KiB and more, and the parts a load reads of this package's SAFETENSORS entries (the metadata alone places
+    them). Best effort: any trouble is left for ``read_data`` to meet and report."""
     if not hasattr(os, "posix_fadvise"):
         return
     per_file: Dict[str, List[Tuple[int, int]]] = {}
     for req in reqs:
         info = storage_data.get(req.storage_index)
-        if info is None:
-            continue
+        if info is None or info.length < _SMALL_ITEM_BYTES:
+            continue  # small items are read in runs, whose first read the OS reads ahead of anyway
         found = _planned_range(req, info, tensors.get(req.storage_index.fqn))
         if found is not None:
             per_file.setdefault(info.relative_path, []).append(found)
@@ -61,10 +61,22 @@ def advise(
             continue
         try:
             with open_regular(os.path.join(local_path, relative_path)) as f:
-                for offset, length in ranges:
+                for offset, length in _joined(ranges):  # one call per run of neighbours: a model has thousands
                     os.posix_fadvise(f.fileno(), offset, length, os.POSIX_FADV_WILLNEED)
         except (OSError, ValueError):
             continue
+
+
+def _joined(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """(offset, length) ranges, neighbouring and overlapping ones joined."""
+    joined: List[Tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        if joined and offset <= joined[-1][0] + joined[-1][1]:
+            start, end = joined[-1][0], max(joined[-1][0] + joined[-1][1], offset + length)
+            joined[-1] = (start, end - start)
+        else:
+            joined.append((offset, length))
+    return joined
 
 
 def _planned_range(req: ReadItem, info: Any, tensor: Any) -> Optional[Tuple[int, int]]:
