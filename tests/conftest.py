@@ -9,7 +9,7 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 from helpers import async_save_needs_process_group, one_rank_process_group  # noqa: E402
 
-from dcp_filesystem import _compat, _parallel  # noqa: E402
+from dcp_filesystem import _compat, _data_file, _parallel  # noqa: E402
 
 REAL_BYTES_PER_THREAD = _parallel._BYTES_PER_THREAD
 
@@ -39,3 +39,18 @@ def async_save_group():
         pytest.skip("this torch has no torch.distributed.checkpoint.async_save")
     with one_rank_process_group() if async_save_needs_process_group() else contextlib.nullcontext():
         yield
+
+
+@pytest.fixture
+def data_file_reads(monkeypatch):
+    """(offset, length) of each read a load makes of a data file, in order (every one goes through
+    DataFile.readinto_with_crc)."""
+    seen = []
+    real = _data_file.DataFile.readinto_with_crc
+
+    def readinto_with_crc(self, offset, view, with_crc):
+        seen.append((offset, len(view)))
+        return real(self, offset, view, with_crc)
+
+    monkeypatch.setattr(_data_file.DataFile, "readinto_with_crc", readinto_with_crc)
+    return seen

@@ -11,7 +11,6 @@ from dcp_filesystem import (
     FileSystemReader,
     FileSystemWriter,
     _crc,
-    _data_file,
     _item,
     _parallel,
     _safetensors,
@@ -296,23 +295,8 @@ def test_pread_into_divides_the_cores_among_reads_running_at_once(tmp_path, monk
     assert len(callers) == threads
 
 
-@pytest.fixture
-def big_item_reads(monkeypatch):
-    """(offset, length) of each read the reader makes, in order (every read of a data file goes through
-    readinto_with_crc)."""
-    seen = []
-    real_into = _data_file.DataFile.readinto_with_crc
-
-    def readinto_with_crc(self, offset, view, with_crc):
-        seen.append((offset, len(view)))
-        return real_into(self, offset, view, with_crc)
-
-    monkeypatch.setattr(_data_file.DataFile, "readinto_with_crc", readinto_with_crc)
-    return seen
-
-
 @pytest.mark.parametrize("writer", ["ours", "stock"])
-def test_an_archive_is_read_front_to_back(tmp_path, big_item_reads, writer):
+def test_an_archive_is_read_front_to_back(tmp_path, data_file_reads, writer):
     """Its head places the storage; the storage, then the records after it, follow in one forward pass
     (a cold read never seeks back), and those records confirm where the storage was."""
     from torch.distributed.checkpoint import FileSystemWriter as StockWriter
@@ -324,12 +308,12 @@ def test_an_archive_is_read_front_to_back(tmp_path, big_item_reads, writer):
     dcp_load(out, FileSystemReader(tmp_path))
     assert_state_equal(state, out)
     end = info.offset + info.length
-    reads = [(o, n) for o, n in big_item_reads if info.offset <= o < end]
+    reads = [(o, n) for o, n in data_file_reads if info.offset <= o < end]
     head = [(info.offset, _safetensors.SNIFF_BYTES), (info.offset, _torch_save._ARCHIVE_EDGE_BYTES)]  # format, head
     assert reads == head + [(start, size), (start + size, end - start - size)]
 
 
-def test_an_archive_whose_head_does_not_place_its_storage_is_read_by_its_edges(tmp_path, big_item_reads):
+def test_an_archive_whose_head_does_not_place_its_storage_is_read_by_its_edges(tmp_path, data_file_reads):
     """The storage record's local header renamed (the directory still names it): no guess from the head,
     so the edges are read first, then the storage; the load is bit-exact."""
     state = big_state()
@@ -343,6 +327,6 @@ def test_an_archive_whose_head_does_not_place_its_storage_is_read_by_its_edges(t
     dcp_load(out, FileSystemReader(tmp_path))
     assert_state_equal(state, out)
     end = info.offset + info.length
-    reads = [(o, n) for o, n in big_item_reads if info.offset <= o < end]
+    reads = [(o, n) for o, n in data_file_reads if info.offset <= o < end]
     edge = _torch_save._ARCHIVE_EDGE_BYTES
     assert reads == [(info.offset, _safetensors.SNIFF_BYTES), (info.offset, edge), (end - edge, edge), (start, size)]

@@ -14,7 +14,6 @@ from dcp_filesystem import (
     SerializationFormat,
     _checksum,
     _compat,
-    _data_file,
     _partial,
 )
 
@@ -49,20 +48,6 @@ class _Planner:
         self.committed.append(req.storage_index.fqn)
 
 
-@pytest.fixture
-def bytes_read(monkeypatch):
-    """Every read of a data file: (offset, length)."""
-    seen = []
-    real = _data_file.DataFile.readinto_with_crc
-
-    def spy(self, offset, view, with_crc):
-        seen.append((offset, len(view)))
-        return real(self, offset, view, with_crc)
-
-    monkeypatch.setattr(_data_file.DataFile, "readinto_with_crc", spy)
-    return seen
-
-
 def load_box(path, fqn, offsets, lengths, target=None, dtype=torch.float32):
     """Load the sub-box of the one-chunk tensor ``fqn`` into ``target`` (a new tensor if None) through
     FileSystemReader.read_data, as DCP plans it for a resharded load."""
@@ -93,15 +78,15 @@ def _part(tensor, offsets, lengths):
 
 @pytest.mark.parametrize("box", BOXES, ids=lambda b: f"{b[0]}+{b[1]}")
 @pytest.mark.parametrize("kind", WRITERS)
-def test_a_part_is_read_bit_exact_and_only_its_bytes(tmp_path, kind, box, bytes_read):
+def test_a_part_is_read_bit_exact_and_only_its_bytes(tmp_path, kind, box, data_file_reads):
     full = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))
     dcp_save({"w": full}, _writer(kind, tmp_path))
     offsets, lengths = box
-    bytes_read.clear()
+    data_file_reads.clear()
     out = load_box(tmp_path, "w", offsets, lengths)
     assert torch.equal(out, _part(full, offsets, lengths))
     needed = out.numel() * 4
-    read = sum(n for _, n in bytes_read)
+    read = sum(n for _, n in data_file_reads)
     row = 1024 * 4
     if offsets[1] == 0:  # whole rows: one range, widened to whole blocks where checked
         checked = kind.startswith("ours")
@@ -115,17 +100,17 @@ def test_a_part_is_read_bit_exact_and_only_its_bytes(tmp_path, kind, box, bytes_
 
 
 @pytest.mark.parametrize("kind", WRITERS)
-def test_inner_slices_with_large_gaps_read_each_chunk(tmp_path, kind, bytes_read):
+def test_inner_slices_with_large_gaps_read_each_chunk(tmp_path, kind, data_file_reads):
     """Rows of 1 MiB, half of each wanted: the gaps are larger than GAP_BYTES, so each chunk (widened to its
     blocks where checked) is read on its own."""
     full = torch.randn(8, 256 << 10, generator=torch.Generator().manual_seed(2))
     dcp_save({"w": full}, _writer(kind, tmp_path))
     assert (128 << 10) * 4 >= _partial.GAP_BYTES
-    bytes_read.clear()
+    data_file_reads.clear()
     out = load_box(tmp_path, "w", (2, 128 << 10), (4, 128 << 10))
     assert torch.equal(out, full[2:6, 128 << 10 :])
     needed = out.numel() * 4
-    assert needed <= sum(n for _, n in bytes_read) <= needed + (40 << 10) + (4 * 2 * BLOCK)
+    assert needed <= sum(n for _, n in data_file_reads) <= needed + (40 << 10) + (4 * 2 * BLOCK)
 
 
 @pytest.mark.parametrize("fmt", ["torch_save", "safetensors"])
@@ -178,36 +163,36 @@ def test_a_flipped_bit_inside_the_needed_blocks_fails_outside_it_does_not_matter
 
 
 @pytest.mark.parametrize("fmt", ["torch_save", "safetensors"])
-def test_an_item_with_only_its_item_crc_is_read_whole_and_checked(tmp_path, fmt, bytes_read):
+def test_an_item_with_only_its_item_crc_is_read_whole_and_checked(tmp_path, fmt, data_file_reads):
     """A checkpoint of a version before block checksums: a part cannot be checked alone, so the item is read
     whole and checked against its CRC-32."""
     full = torch.randn(512, 1024, generator=torch.Generator().manual_seed(4))
     dcp_save({"w": full}, FileSystemWriter(tmp_path, serialization_format=SerializationFormat(fmt)))
     _strip_storage_info_field(tmp_path, "crc32_blocks")
     info = next(iter(FileSystemReader(tmp_path).read_metadata().storage_data.values()))
-    bytes_read.clear()
+    data_file_reads.clear()
     assert torch.equal(load_box(tmp_path, "w", (256, 0), (128, 1024)), full[256:384])
-    assert sum(n for _, n in bytes_read) >= info.length
+    assert sum(n for _, n in data_file_reads) >= info.length
 
 
 @pytest.mark.parametrize("fmt", ["torch_save", "safetensors"])
-def test_unchecked_items_are_read_in_part_exactly(tmp_path, fmt, bytes_read):
+def test_unchecked_items_are_read_in_part_exactly(tmp_path, fmt, data_file_reads):
     full = torch.randn(512, 1024, generator=torch.Generator().manual_seed(5))
     dcp_save({"w": full}, FileSystemWriter(tmp_path, serialization_format=SerializationFormat(fmt)))
     strip_checksums(tmp_path)
-    bytes_read.clear()
+    data_file_reads.clear()
     assert torch.equal(load_box(tmp_path, "w", (256, 0), (128, 1024)), full[256:384])
     records = 0 if fmt == "safetensors" else (16 << 10) + 4096 + 9
-    assert 128 * 4096 <= sum(n for _, n in bytes_read) <= 128 * 4096 + records
+    assert 128 * 4096 <= sum(n for _, n in data_file_reads) <= 128 * 4096 + records
 
 
-def test_partial_reads_can_be_turned_off(tmp_path, bytes_read, monkeypatch):
+def test_partial_reads_can_be_turned_off(tmp_path, data_file_reads, monkeypatch):
     full = torch.randn(512, 1024, generator=torch.Generator().manual_seed(6))
     dcp_save({"w": full}, FileSystemWriter(tmp_path, serialization_format=SerializationFormat.SAFETENSORS))
     monkeypatch.setenv("DCP_FILESYSTEM_PARTIAL_READS", "0")
-    bytes_read.clear()
+    data_file_reads.clear()
     assert torch.equal(load_box(tmp_path, "w", (256, 0), (128, 1024)), full[256:384])
-    assert sum(n for _, n in bytes_read) == full.numel() * 4
+    assert sum(n for _, n in data_file_reads) == full.numel() * 4
 
 
 def test_blocks_are_recorded_for_large_tensors_only(tmp_path):
