@@ -34,7 +34,7 @@ offsets or shapes and put the right bytes in the wrong places.
 from __future__ import annotations
 
 import struct
-from typing import IO, Any, NamedTuple, Optional
+from typing import IO, Any, NamedTuple, Optional, Tuple
 
 from ._crc import crc32, crc32_blocks, crc32_combine
 from ._format import describe_item
@@ -73,6 +73,11 @@ class Blocks(NamedTuple):
     def cover(self, nbytes: int) -> bool:
         """Whether these are the blocks of a run of ``nbytes`` bytes."""
         return len(self.crcs) == 4 * -(-nbytes // self.block_bytes)
+
+    def widen(self, begin: int, end: int, run_bytes: int) -> Tuple[int, int]:
+        """``[begin, end)`` of a run of ``run_bytes`` bytes, widened to the whole blocks around it."""
+        size = self.block_bytes
+        return begin - begin % size, min(end + (-end) % size, run_bytes)
 
 
 _WORD = struct.Struct("<I")

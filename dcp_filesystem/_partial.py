@@ -53,10 +53,7 @@ def span(shape: Sequence[int], itemsize: int, offsets: Sequence[int], lengths: S
     blocks where ``blocks`` are given."""
     row = numel(shape[1:]) * itemsize
     begin, end = offsets[0] * row, (offsets[0] + lengths[0]) * row
-    if blocks is None:
-        return begin, end
-    size = blocks.block_bytes
-    return begin - begin % size, min(end + (-end) % size, numel(shape) * itemsize)
+    return (begin, end) if blocks is None else blocks.widen(begin, end, numel(shape) * itemsize)
 
 
 def read_part(
@@ -121,10 +118,7 @@ class _Ranges:
         self.blocks = blocks
 
     def _widened(self, begin: int, end: int) -> Tuple[int, int]:
-        if self.blocks is None:
-            return begin, end
-        size = self.blocks.block_bytes
-        return begin - begin % size, min(end + (-end) % size, self.size)
+        return (begin, end) if self.blocks is None else self.blocks.widen(begin, end, self.size)
 
     def groups(self, starts: List[int], chunk: int) -> List[Tuple[int, int, List[Tuple[int, int]]]]:
         """The chunks at ``starts`` (sorted), as the spans read for them: (begin, end, [(chunk index, start)])."""
