@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+from bench import replace_section  # noqa: E402
 
 START, END = "<!-- hf-bench-start -->", "<!-- hf-bench-end -->"
 FORMATS = ("torch_save", "safetensors")
@@ -249,16 +250,6 @@ def markdown(command, payload, root, export, loads, repeats):
     return "\n".join(lines) + "\n"
 
 
-def write_results(path, table):
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    if START in text and END in text:
-        text = text[: text.index(START)] + table + text[text.index(END) + len(END) + 1 :]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + table
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         mode, rank, init, root, repeats = sys.argv[2:7]
@@ -286,7 +277,7 @@ def main():
         table = markdown(command.strip(), payload, root, export, loads, args.repeats)
     print(table)
     if args.results:
-        write_results(args.results, table)
+        replace_section(args.results, table, START, END)
 
 
 if __name__ == "__main__":
