@@ -459,7 +459,9 @@ def test_every_pytest_marker_is_in_the_tests_section_with_the_make_target_that_s
     section = " ".join(" ".join(text.splitlines()[section_line(text, "Tests") :]).split())
     for marker, target, selection in [("gpu", "test-gpu", "-m gpu"), ("slow", "test-fast", '-m "not slow"')]:
         assert f"- ``make {target}``: " in section and f"(marker ``{marker}``" in section, marker
-        made = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        # --no-print-directory: under make test (MAKELEVEL set) make -n adds "Entering directory" lines.
+        made = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout
         assert made.splitlines()[-1].endswith(f" -m pytest -q {selection} tests"), made
 
 
